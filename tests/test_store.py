@@ -1,0 +1,570 @@
+"""SQLiteStore (smartx_hub/sqlite_store.py) on real SQLite files: the Store contract, sealing at
+rest (sentinel scan of the raw files), tamper detection, rotation, dedup and pagination."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sqlite3
+import threading
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smartx_hub.crypto import Keyring, SealError, WrappedKey, generate_master_key
+from smartx_hub.sqlite_store import SCHEMA_VERSION, SQLiteStore
+from smartx_hub.store import (
+    ConflictError,
+    NotFoundError,
+    StoreError,
+    TelemetryBatch,
+    TokenRecord,
+)
+
+SENTINEL = "SENTINEL-7f3a9c-PLAINTEXT"
+PEM = b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"
+ID = re.compile(r"^(dev|cmd|usr)_[a-z2-7]{16}$")
+
+
+def open_store(path, master: bytes) -> SQLiteStore:
+    return SQLiteStore(str(path), Keyring(master))
+
+
+@pytest.fixture
+def master():
+    return generate_master_key()
+
+
+@pytest.fixture
+def store(tmp_path, master):
+    s = open_store(tmp_path / "hub.db", master)
+    yield s
+    s.close()
+
+
+def raw(path) -> sqlite3.Connection:
+    return sqlite3.connect(str(path), isolation_level=None)
+
+
+def add_es(store, name="dev", now=1000):
+    return store.add_device(name, "es256", PEM, None, now)
+
+
+# -- setup -------------------------------------------------------------------------------
+
+
+def test_pragmas_schema_and_data_keys(store, tmp_path):
+    conn = store._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+    purposes = {r[0] for r in conn.execute("SELECT purpose FROM data_keys")}
+    assert {"secrets", "telemetry", "commands", "state", "scope"} <= purposes
+    assert store.data_key_count() == len(purposes)
+
+
+def test_newer_schema_is_refused(tmp_path, master):
+    s = open_store(tmp_path / "hub.db", master)
+    s.set_meta("schema_version", str(SCHEMA_VERSION + 1))
+    s.close()
+    with pytest.raises(StoreError, match="newer"):
+        open_store(tmp_path / "hub.db", master)
+
+
+def test_reopening_keeps_data_keys(tmp_path, master):
+    s = open_store(tmp_path / "hub.db", master)
+    dev = s.add_device("h", "hs256", None, b"s" * 32, 1)
+    count = s.data_key_count()
+    s.close()
+    s = open_store(tmp_path / "hub.db", master)
+    assert s.data_key_count() == count
+    assert s.get_device(dev.id).secret == b"s" * 32
+    s.close()
+
+
+def test_wrong_master_key_cannot_open(tmp_path, master):
+    open_store(tmp_path / "hub.db", master).close()
+    with pytest.raises(SealError):
+        open_store(tmp_path / "hub.db", generate_master_key())
+
+
+# -- devices -----------------------------------------------------------------------------
+
+
+def test_device_lifecycle_and_devices_version(store):
+    assert store.get_meta("devices_version") is None
+    a = add_es(store, "a", 10)
+    b = store.add_device("b", "hs256", None, b"k" * 32, 20)
+    assert ID.match(a.id) and ID.match(b.id) and a.id != b.id
+    assert store.get_device(b.id).secret == b"k" * 32
+    assert store.get_device(a.id).public_key_pem == PEM
+    assert [d.name for d in store.list_devices()] == ["a", "b"]
+    assert store.get_device_by_name("b").id == b.id
+    v0 = int(store.get_meta("devices_version"))
+    store.set_device_enabled(a.id, False)
+    assert store.get_device(a.id).enabled is False
+    v1 = int(store.get_meta("devices_version"))
+    assert v1 == v0 + 1
+    store.set_device_enabled(a.id, True)
+    store.remove_device(b.id)
+    assert int(store.get_meta("devices_version")) == v1 + 2
+    assert store.get_device(b.id) is None
+    store.touch_device(a.id, 999)
+    assert store.get_device(a.id).last_seen_ms == 999
+
+
+def test_device_errors(store):
+    add_es(store, "a")
+    with pytest.raises(ConflictError):
+        add_es(store, "a")
+    with pytest.raises(StoreError):
+        store.add_device("x", "rs256", PEM, None, 1)
+    with pytest.raises(StoreError):
+        store.add_device("x", "hs256", None, None, 1)
+    with pytest.raises(StoreError):
+        store.add_device("x", "es256", None, None, 1)
+    with pytest.raises(StoreError):
+        store.add_device("", "es256", PEM, None, 1)
+    with pytest.raises(StoreError):
+        store.add_device("bad\nname", "es256", PEM, None, 1)
+    for call in (lambda: store.set_device_enabled("dev_missing", False),
+                 lambda: store.remove_device("dev_missing"),
+                 lambda: store.touch_device("dev_missing", 1)):
+        with pytest.raises(NotFoundError):
+            call()
+
+
+def test_devices_version_is_seen_by_another_connection(tmp_path, master):
+    """The CLI (another process, another connection) disables; the hub's connection notices."""
+    hub = open_store(tmp_path / "hub.db", master)
+    cli = open_store(tmp_path / "hub.db", master)
+    dev = add_es(hub)
+    before = hub.get_meta("devices_version")
+    cli.set_device_enabled(dev.id, False)
+    assert hub.get_meta("devices_version") != before
+    assert hub.get_device(dev.id).enabled is False
+    cli.close()
+    hub.close()
+
+
+# -- telemetry ---------------------------------------------------------------------------
+
+
+def batch(device_id, msg_id, readings, received=5000):
+    return TelemetryBatch(device_id, msg_id, readings, received)
+
+
+def test_telemetry_dedup_on_device_and_msg_id(store):
+    a, b = add_es(store, "a"), add_es(store, "b")
+    first = store.add_telemetry([batch(a.id, 1, [("t", 100, 1.5), ("h", 100, 40)]),
+                                 batch(a.id, 1, [("t", 100, 99.0)]),  # repeat in the same call
+                                 batch(b.id, 1, [("t", 100, 2.5)])])  # same msg id, other device
+    assert first == [True, False, True]
+    assert store.add_telemetry([batch(a.id, 1, [("t", 100, 77.0)]), batch(a.id, 2, [])]) == \
+        [False, True]
+    readings = store.query_telemetry(a.id)
+    assert sorted((r.stream, r.value) for r in readings) == [("h", 40), ("t", 1.5)]
+    assert [r.value for r in store.query_telemetry(b.id)] == [2.5]
+
+
+def test_telemetry_batch_list_is_one_transaction(store):
+    a = add_es(store, "a")
+    with pytest.raises(NotFoundError):
+        store.add_telemetry([batch(a.id, 1, [("t", 1, 1)]), batch("dev_missing", 1, [("t", 1, 1)])])
+    assert store.query_telemetry(a.id) == []
+    assert store.add_telemetry([batch(a.id, 1, [("t", 1, 1)])]) == [True]  # nothing half-stored
+
+
+def test_telemetry_bad_input_is_a_store_error(store):
+    a = add_es(store, "a")
+    for bad in ([("t", 1)], [("t", "soon", 1)], [(5, 1, 1)], [("t", 1, object())]):
+        with pytest.raises(StoreError):
+            store.add_telemetry([batch(a.id, 1, bad)])
+    with pytest.raises(StoreError):
+        store.add_telemetry([batch(a.id, "1", [])])
+    with pytest.raises(StoreError):
+        store.query_telemetry(a.id, limit=0)
+
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=4),
+    max_leaves=10)
+
+
+def test_values_round_trip(store):
+    a = add_es(store, "a")
+    msg_ids = itertools.count(1)
+
+    @given(VALUES)
+    def check(value):
+        msg_id = next(msg_ids)
+        store.add_telemetry([batch(a.id, msg_id, [("v", msg_id, value)])])
+        assert store.query_telemetry(a.id, limit=1)[0].value == value
+
+    check()
+
+
+def test_query_order_range_stream_and_limit(store):
+    a = add_es(store, "a")
+    store.add_telemetry([batch(a.id, 1, [("t", 300, 3), ("h", 100, 1)]),
+                         batch(a.id, 2, [("t", 200, 2), ("t", 300, 4)])])
+    got = store.query_telemetry(a.id)
+    assert [(r.ts_ms, r.value) for r in got] == [(300, 4), (300, 3), (200, 2), (100, 1)]
+    assert all(got[i].seq > got[i + 1].seq for i in (0,))  # equal ts: newer seq first
+    assert [r.value for r in store.query_telemetry(a.id, stream="t")] == [4, 3, 2]
+    assert [r.value for r in store.query_telemetry(a.id, since_ms=200, until_ms=300,
+                                                   stream="t", limit=2)] == [4, 3]
+    assert [r.value for r in store.query_telemetry(a.id, until_ms=200)] == [2, 1]
+    assert got[0].msg_id == 2 and got[0].received_ms == 5000 and got[0].device_id == a.id
+
+
+def test_pagination_walks_every_reading_once(tmp_path, master):
+    s = open_store(tmp_path / "hub.db", master)
+    counter = itertools.count(1)
+
+    @given(st.lists(st.integers(0, 20), max_size=30), st.integers(1, 7),
+           st.sampled_from([None, "x"]))
+    def check(timestamps, page, stream):
+        dev = add_es(s, "d%d" % next(counter))
+        readings = [("x" if i % 2 else "y", ts, i) for i, ts in enumerate(timestamps)]
+        s.add_telemetry([batch(dev.id, 1, readings)])
+        expected = sorted((r for r in s.query_telemetry(dev.id, stream=stream, limit=1000)),
+                          key=lambda r: (r.ts_ms, r.seq), reverse=True)
+        walked, cursor = [], None
+        for _ in range(len(readings) + 2):
+            chunk = s.query_telemetry(dev.id, stream=stream, limit=page, before_seq=cursor)
+            if not chunk:
+                break
+            walked.extend(chunk)
+            cursor = chunk[-1].seq
+        assert [r.seq for r in walked] == [r.seq for r in expected]
+        assert len(expected) == sum(1 for r in readings if stream is None or r[0] == stream)
+
+    check()
+    s.close()
+
+
+def test_concurrent_threads(store):
+    devices = [add_es(store, "t%d" % i) for i in range(4)]
+    errors = []
+
+    def work(dev):
+        try:
+            for m in range(25):
+                store.add_telemetry([batch(dev.id, m, [("t", m, m)])])
+                store.query_telemetry(dev.id, limit=5)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(d,)) for d in devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    for d in devices:
+        assert len(store.query_telemetry(d.id, limit=1000)) == 25
+
+
+# -- commands, state, users, tokens, audit -----------------------------------------------
+
+
+def test_command_lifecycle(store):
+    a = add_es(store, "a")
+    c1 = store.add_command(a.id, "reboot", {"delay": 5}, ttl_ms=1000, now_ms=100)
+    c2 = store.add_command(a.id, "blink", [1, 2], ttl_ms=50, now_ms=110)
+    c3 = store.add_command(a.id, "read", None, ttl_ms=5000, now_ms=120)
+    assert ID.match(c1.id) and c1.status == "queued" and c1.expires_ms == 1100
+    assert store.get_command(c1.id).args == {"delay": 5}
+    pending = store.pending_commands(a.id, now_ms=200)  # c2 expired at 160
+    assert [c.id for c in pending] == [c1.id, c3.id]
+    assert store.get_command(c2.id).status == "expired"
+    store.mark_command_delivered(c1.id, 210)
+    assert [c.id for c in store.pending_commands(a.id, 220)] == [c3.id]
+    store.set_command_result(c1.id, True, {"ok": 1}, None, 230)
+    store.set_command_result(c1.id, False, None, "late duplicate", 240)  # first answer wins
+    done = store.get_command(c1.id)
+    assert (done.status, done.result, done.error, done.delivered_ms, done.completed_ms) == \
+        ("succeeded", {"ok": 1}, None, 210, 230)
+    store.set_command_result(c3.id, False, None, "no sensor", 250)
+    failed = store.get_command(c3.id)
+    assert (failed.status, failed.error, failed.result) == ("failed", "no sensor", None)
+    assert [c.id for c in store.list_commands(a.id)] == [c3.id, c2.id, c1.id]
+    assert [c.id for c in store.list_commands(a.id, limit=1)] == [c3.id]
+    assert store.get_command("cmd_missing") is None
+    with pytest.raises(NotFoundError):
+        store.add_command("dev_missing", "x", 1, 10, 1)
+    with pytest.raises(NotFoundError):
+        store.mark_command_delivered("cmd_missing", 1)
+    with pytest.raises(NotFoundError):
+        store.set_command_result("cmd_missing", True, 1, None, 1)
+    with pytest.raises(StoreError):
+        store.add_command(a.id, "x", 1, 0, 1)
+
+
+def test_device_state(store):
+    a = add_es(store, "a")
+    assert store.get_state(a.id).desired == {} and store.get_state(a.id).desired_version == 0
+    s1 = store.set_desired_state(a.id, {"led": True}, 10)
+    s2 = store.set_desired_state(a.id, {"led": False}, 20)
+    assert (s1.desired_version, s2.desired_version, s2.desired, s2.desired_ms) == \
+        (1, 2, {"led": False}, 20)
+    store.set_reported_state(a.id, {"led": False, "fw": "1.0"}, 30)
+    state = store.get_state(a.id)
+    assert (state.reported, state.reported_ms, state.desired_version) == \
+        ({"led": False, "fw": "1.0"}, 30, 2)
+    b = add_es(store, "b")
+    store.set_reported_state(b.id, {"x": 1}, 5)
+    assert store.get_state(b.id).desired_version == 0
+    for call in (lambda: store.get_state("dev_missing"),
+                 lambda: store.set_desired_state("dev_missing", {}, 1),
+                 lambda: store.set_reported_state("dev_missing", {}, 1)):
+        with pytest.raises(NotFoundError):
+            call()
+    with pytest.raises(StoreError):
+        store.set_desired_state(a.id, [1], 1)  # type: ignore[arg-type]
+
+
+def test_users(store):
+    u = store.add_user("Alice", "$argon2id$hash", 5)
+    assert ID.match(u.id)
+    assert store.get_user(u.id).password_hash == "$argon2id$hash"
+    assert store.get_user_by_name("alice").id == u.id  # names compare case-insensitively
+    with pytest.raises(ConflictError):
+        store.add_user("ALICE", "h", 6)
+    store.set_user_password(u.id, "$argon2id$new")
+    store.set_tokens_valid_after(u.id, 77)
+    again = store.get_user(u.id)
+    assert (again.password_hash, again.tokens_valid_after_ms) == ("$argon2id$new", 77)
+    assert [x.username for x in store.list_users()] == ["Alice"]
+    with pytest.raises(NotFoundError):
+        store.set_user_password("usr_missing", "h")
+    with pytest.raises(NotFoundError):
+        store.set_tokens_valid_after("usr_missing", 1)
+
+
+def token(user_id, jti, expires=10_000, created=1):
+    return TokenRecord(jti, user_id, "ci", "ab" * 32 if jti == "t1" else jti * 8, "x1Yz",
+                       ["telemetry:read"], None if jti == "t1" else ["dev_a"], created, expires)
+
+
+def test_tokens(store):
+    u = store.add_user("bob", "h", 1)
+    store.add_token(token(u.id, "t1", created=1))
+    store.add_token(token(u.id, "t2", created=2))
+    store.add_token(token(u.id, "t3", expires=50, created=3))
+    with pytest.raises(ConflictError):
+        store.add_token(token(u.id, "t1"))
+    with pytest.raises(NotFoundError):
+        store.add_token(token("usr_missing", "t9"))
+    t1 = store.get_token("t1")
+    assert (t1.scopes, t1.devices, t1.hint, t1.revoked_ms) == (["telemetry:read"], None, "x1Yz",
+                                                               None)
+    assert store.get_token("t2").devices == ["dev_a"]
+    assert [t.id for t in store.list_tokens(u.id)] == ["t3", "t2", "t1"]
+    store.revoke_token("t1", 100)
+    store.revoke_token("t1", 200)
+    assert store.get_token("t1").revoked_ms == 100
+    assert store.revoke_all_tokens(u.id, 300) == 1  # t2 only: t1 revoked, t3 expired
+    assert store.get_token("t2").revoked_ms == 300 and store.get_token("t3").revoked_ms is None
+    store.touch_token("t2", 400)
+    assert store.get_token("t2").last_used_ms == 400
+    for call in (lambda: store.revoke_token("nope", 1), lambda: store.touch_token("nope", 1),
+                 lambda: store.revoke_all_tokens("usr_missing", 1)):
+        with pytest.raises(NotFoundError):
+            call()
+    assert store.get_token("nope") is None and len(store.list_tokens()) == 3
+
+
+def test_audit(store):
+    for i in range(5):
+        store.add_audit("device.enrolled", "cli", "local", {"n": i}, 100 + i)
+    entries = store.list_audit(limit=3)
+    assert [e.detail["n"] for e in entries] == [4, 3, 2]
+    assert [e.detail["n"] for e in store.list_audit(before_id=entries[-1].id)] == [1, 0]
+    assert (entries[0].action, entries[0].actor, entries[0].source, entries[0].ts_ms) == \
+        ("device.enrolled", "cli", "local", 104)
+    with pytest.raises(StoreError):
+        store.add_audit("x", "cli", "local", {"bad": object()}, 1)
+
+
+def test_removing_a_device_removes_its_data(store, tmp_path):
+    a, b = add_es(store, "a"), add_es(store, "b")
+    for dev in (a, b):
+        store.add_telemetry([batch(dev.id, 1, [("t", 1, 1)])])
+        store.add_command(dev.id, "x", 1, 100, 1)
+        store.set_desired_state(dev.id, {"k": 1}, 1)
+    store.remove_device(a.id)
+    conn = raw(tmp_path / "hub.db")
+    for table in ("telemetry_batches", "readings", "commands", "device_state"):
+        ids = {r[0] for r in conn.execute("SELECT device_id FROM %s" % table)}
+        assert ids == {b.id}, table
+    conn.close()
+
+
+# -- at rest: sentinel, tampering, rotation -----------------------------------------------
+
+
+def fill_with_sentinel(store):
+    secret_dev = store.add_device("hs", "hs256", None, SENTINEL.encode() + b"-secret", 1)
+    dev = add_es(store, "es")
+    store.add_telemetry([batch(dev.id, 1, [("temp", 10, SENTINEL + "-reading"),
+                                            ("blob", 11, (SENTINEL + "-bytes").encode()),
+                                            ("nested", 12, {"k": [SENTINEL + "-nested"]})])])
+    cmd = store.add_command(dev.id, "say", {"text": SENTINEL + "-args"}, 1000, 1)
+    store.set_command_result(cmd.id, False, {"echo": SENTINEL + "-result"},
+                             SENTINEL + "-error", 2)
+    store.set_desired_state(dev.id, {"motd": SENTINEL + "-desired"}, 3)
+    store.set_reported_state(dev.id, {"motd": SENTINEL + "-reported"}, 4)
+    store.add_user("admin", "$argon2id$" + SENTINEL + "-pwhash", 5)
+    return secret_dev, dev, cmd
+
+
+def raw_bytes(tmp_path) -> bytes:
+    data = b""
+    for suffix in ("", "-wal", "-shm"):
+        path = tmp_path / ("hub.db" + suffix)
+        if path.exists():
+            data += path.read_bytes()
+    return data
+
+
+def test_sentinel_never_reaches_the_database_files(tmp_path, master):
+    s = open_store(tmp_path / "hub.db", master)
+    secret_dev, dev, cmd = fill_with_sentinel(s)
+    # The scan can fail: a clear column (a stream name) with a marker is found in the same bytes.
+    s.add_telemetry([batch(dev.id, 2, [("CLEAR-MARKER-stream", 20, 1)])])
+    assert (tmp_path / "hub.db-wal").stat().st_size > 0  # the data is still in the WAL
+    data = raw_bytes(tmp_path)
+    assert b"CLEAR-MARKER-stream" in data
+    assert SENTINEL.encode() not in data
+    assert SENTINEL.encode("utf-16-le") not in data
+    # The store still gives everything back in the clear.
+    assert s.get_device(secret_dev.id).secret.startswith(SENTINEL.encode())
+    assert s.get_command(cmd.id).args == {"text": SENTINEL + "-args"}
+    s.close()  # checkpoint: now the main file holds it all
+    data = raw_bytes(tmp_path)
+    assert b"CLEAR-MARKER-stream" in data
+    assert SENTINEL.encode() not in data
+
+
+def test_flipped_byte_in_each_sealed_column_is_refused(tmp_path, master):
+    s = open_store(tmp_path / "hub.db", master)
+    secret_dev, dev, cmd = fill_with_sentinel(s)
+    conn = raw(tmp_path / "hub.db")
+    cases = [
+        ("devices", "secret", "id=?", secret_dev.id, lambda: s.get_device(secret_dev.id)),
+        ("readings", "value", "stream='temp'", None, lambda: s.query_telemetry(dev.id)),
+        ("commands", "args", "id=?", cmd.id, lambda: s.get_command(cmd.id)),
+        ("commands", "result", "id=?", cmd.id, lambda: s.get_command(cmd.id)),
+        ("commands", "error", "id=?", cmd.id, lambda: s.get_command(cmd.id)),
+        ("device_state", "desired", "device_id=?", dev.id, lambda: s.get_state(dev.id)),
+        ("device_state", "reported", "device_id=?", dev.id, lambda: s.get_state(dev.id)),
+        ("users", "password_hash", "username='admin'", None, lambda: s.list_users()),
+    ]
+    for table, column, where, arg, read in cases:
+        params = () if arg is None else (arg,)
+        original = conn.execute("SELECT %s FROM %s WHERE %s" % (column, table, where),
+                                params).fetchone()[0]
+        tampered = bytearray(original)
+        tampered[len(tampered) // 2] ^= 0x01
+        conn.execute("UPDATE %s SET %s=? WHERE %s" % (table, column, where),
+                     (bytes(tampered),) + params)
+        with pytest.raises(SealError):
+            read()
+        conn.execute("UPDATE %s SET %s=? WHERE %s" % (table, column, where),
+                     (original,) + params)
+        read()  # restored: opens again
+    conn.close()
+    s.close()
+
+
+def test_blobs_moved_between_rows_are_refused(tmp_path, master):
+    s = open_store(tmp_path / "hub.db", master)
+    d1 = s.add_device("one", "hs256", None, b"1" * 32, 1)
+    d2 = s.add_device("two", "hs256", None, b"2" * 32, 1)
+    s.add_telemetry([batch(d1.id, 1, [("t", 10, 1.0), ("t", 11, 2.0)])])
+    s.set_desired_state(d1.id, {"a": 1}, 1)
+    s.set_reported_state(d1.id, {"b": 2}, 1)
+    conn = raw(tmp_path / "hub.db")
+
+    def swap(table, column, key, k1, k2):
+        v1 = conn.execute("SELECT %s FROM %s WHERE %s=?" % (column, table, key), (k1,)).fetchone()[0]
+        v2 = conn.execute("SELECT %s FROM %s WHERE %s=?" % (column, table, key), (k2,)).fetchone()[0]
+        conn.execute("UPDATE %s SET %s=? WHERE %s=?" % (table, column, key), (v2, k1))
+        conn.execute("UPDATE %s SET %s=? WHERE %s=?" % (table, column, key), (v1, k2))
+
+    swap("devices", "secret", "id", d1.id, d2.id)
+    with pytest.raises(SealError):
+        s.get_device(d1.id)
+    swap("devices", "secret", "id", d1.id, d2.id)
+    assert s.get_device(d1.id).secret == b"1" * 32
+    seqs = [r[0] for r in conn.execute("SELECT seq FROM readings ORDER BY seq")]
+    swap("readings", "value", "seq", seqs[0], seqs[1])
+    with pytest.raises(SealError):
+        s.query_telemetry(d1.id)
+    swap("readings", "value", "seq", seqs[0], seqs[1])
+    # Clear columns are bound into the additional data too: editing a timestamp is caught.
+    conn.execute("UPDATE readings SET ts_ms=99 WHERE seq=?", (seqs[0],))
+    with pytest.raises(SealError):
+        s.query_telemetry(d1.id)
+    conn.execute("UPDATE readings SET ts_ms=10 WHERE seq=?", (seqs[0],))
+    # Desired and reported state of one device: moving one column into the other is caught.
+    desired = conn.execute("SELECT desired FROM device_state").fetchone()[0]
+    conn.execute("UPDATE device_state SET reported=?", (desired,))
+    with pytest.raises(SealError):
+        s.get_state(d1.id)
+    conn.close()
+    s.close()
+
+
+def test_rotation_keeps_every_record_and_retires_the_old_key(tmp_path, master):
+    s = open_store(tmp_path / "hub.db", master)
+    secret_dev, dev, cmd = fill_with_sentinel(s)
+    before = (s.get_device(secret_dev.id), s.query_telemetry(dev.id), s.get_command(cmd.id),
+              s.get_state(dev.id), s.list_users())
+    conn = raw(tmp_path / "hub.db")
+    wrapped_before = dict(conn.execute("SELECT id, wrapped FROM data_keys").fetchall())
+    new = generate_master_key()
+    s.rotate_master_key(new)
+    wrapped_after = dict(conn.execute("SELECT id, wrapped FROM data_keys").fetchall())
+    assert wrapped_before.keys() == wrapped_after.keys()
+    assert all(wrapped_before[k] != wrapped_after[k] for k in wrapped_before)
+    # The open store keeps working, and can make new records.
+    s.add_telemetry([batch(dev.id, 9, [("t", 50, "after")])])
+    s.close()
+    s = open_store(tmp_path / "hub.db", new)
+    after = (s.get_device(secret_dev.id), [r for r in s.query_telemetry(dev.id) if r.msg_id != 9],
+             s.get_command(cmd.id), s.get_state(dev.id), s.list_users())
+    assert after == before
+    assert s.query_telemetry(dev.id, limit=1)[0].value == "after"
+    s.close()
+    rows = [WrappedKey(r[0], r[1], r[2]) for r in
+            conn.execute("SELECT id, purpose, wrapped FROM data_keys")]
+    with pytest.raises(SealError):
+        Keyring(master).load(rows)
+    with pytest.raises(SealError):
+        open_store(tmp_path / "hub.db", master)
+    conn.close()
+
+
+def test_failed_rotation_changes_nothing(tmp_path, master):
+    s = open_store(tmp_path / "hub.db", master)
+    dev = s.add_device("h", "hs256", None, b"x" * 32, 1)
+    conn = raw(tmp_path / "hub.db")
+    # A foreign row this master key never wrapped makes the rewrap fail half-way.
+    conn.execute("INSERT INTO data_keys(id, purpose, wrapped) VALUES (999, 'telemetry', ?)",
+                 (b"\x01" + b"\x00" * 60,))
+    with pytest.raises(SealError):
+        s.rotate_master_key(generate_master_key())
+    conn.execute("DELETE FROM data_keys WHERE id=999")
+    conn.close()
+    s.close()
+    s = open_store(tmp_path / "hub.db", master)  # the old key still opens everything
+    assert s.get_device(dev.id).secret == b"x" * 32
+    s.close()
