@@ -332,7 +332,7 @@ def message_from_map(mapping):
     if not _is_int(message_type) or message_type not in MESSAGE_CLASSES:
         raise RemoteProtocolError("unknown message type %r" % (message_type,), CLOSE_MALFORMED)
     cls = MESSAGE_CLASSES[message_type]
-    message = cls.__new__(cls)
+    message = object.__new__(cls)  # MicroPython classes have no __new__ attribute
     for key, attr, kind, required in cls.FIELDS:
         setattr(message, attr, mapping.get(key))
     _validate(message, RemoteProtocolError)
