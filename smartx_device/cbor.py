@@ -411,6 +411,10 @@ def loads(data, max_depth=MAX_DEPTH, max_items=MAX_ITEMS):
     except MemoryError:
         # Limits keep well-formed input small; a board short of heap still fails typed.
         raise _malformed("out of memory while decoding")
+    except RuntimeError:
+        # MicroPython raises RuntimeError("pystack exhausted") (CPython RecursionError, a
+        # RuntimeError) when a board's stack is shallower than max_depth levels of nesting.
+        raise _malformed("nesting too deep for this interpreter's stack")
     if pos != end:
         raise _malformed("%d trailing bytes after the item" % (end - pos))
     return value
