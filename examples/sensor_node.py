@@ -2,9 +2,13 @@
 # package and the device's credentials bundle (device.smartx.json) onto the board's flash.
 # It runs unchanged on a board and on the simulator (which provides `machine`).
 #
-# Every INTERVAL_S seconds it reads an ADC pin and publishes the value on stream "adc".
+# Every interval_s seconds it reads an ADC pin and publishes the value on stream "adc".
 # Commands: set_interval {"seconds": N}, blink {"times": N}. Desired state: {"led": true|false}.
 # Readings made while the hub is away wait in queue.log on flash and are sent when it is back.
+# An optional config.json beside it overrides the defaults below, e.g.
+#   {"interval_s": 30, "adc_pin": 34, "led_pin": 2}
+import json
+
 import machine
 
 import smartx_device
@@ -12,19 +16,46 @@ from smartx_device.clock import monotonic_ms, sleep_ms
 
 BUNDLE = "device.smartx.json"
 QUEUE = "queue.log"
-SENSOR_PIN = 26
-LED_PIN = 25
-INTERVAL_S = 10
+CONFIG = "config.json"
+DEFAULTS = {"interval_s": 10, "adc_pin": 26, "led_pin": 25}
 RETRYABLE = (smartx_device.HubUnreachableError, smartx_device.ConnectionLostError,
              smartx_device.RateLimitedError, smartx_device.TokenExpiredError)
+
+
+def valid(key, value):
+    if key == "interval_s":
+        return type(value) is int and 1 <= value <= 3600
+    return (type(value) is int and value >= 0) or isinstance(value, str)  # a pin: 26 or "GP26"
+
+
+def load_config():
+    config = dict(DEFAULTS)
+    try:
+        with open(CONFIG) as handle:
+            loaded = json.load(handle)
+    except OSError:
+        return config  # no config.json: the defaults
+    except ValueError as error:
+        print("config.json is not JSON (%s): using the defaults" % error)
+        return config
+    for key in DEFAULTS:
+        value = loaded.get(key) if isinstance(loaded, dict) else None
+        if valid(key, value):
+            config[key] = value
+        elif value is not None:
+            print("config.json: %s=%r ignored, keeping %r" % (key, value, config[key]))
+    return config
 
 
 def main():
     client = smartx_device.Client.from_bundle(BUNDLE, queue_path=QUEUE, log=print)
     print("SmartX sensor node %s booting" % client.device_id)
-    adc = machine.ADC(machine.Pin(SENSOR_PIN))
-    led = machine.Pin(LED_PIN, machine.Pin.OUT)
-    settings = {"interval_s": INTERVAL_S}
+    config = load_config()
+    print("config: interval %d s, ADC pin %s, LED pin %s"
+          % (config["interval_s"], config["adc_pin"], config["led_pin"]))
+    adc = machine.ADC(machine.Pin(config["adc_pin"]))
+    led = machine.Pin(config["led_pin"], machine.Pin.OUT)
+    settings = {"interval_s": config["interval_s"]}
 
     def report():
         client.report_state({"interval_s": settings["interval_s"], "led": bool(led.value())})

@@ -3,8 +3,11 @@
 Public API:
 - ``Client`` (blocking, CPython and MicroPython): ``Client.from_bundle(path, queue_path=...)``,
   ``@client.command(name)``, ``on_desired_state``, ``connect``, ``publish``, ``report_state``,
-  ``loop``, ``flush``, ``run_forever``, ``close``. ``smartx_device.aio.AsyncClient`` is the
+  ``loop``, ``flush``, ``run_forever``, ``close``; ``ack_timeout_ms`` resends an
+  unacknowledged message on the same session. ``smartx_device.aio.AsyncClient`` is the
   asyncio flavour (CPython).
+- Transports (``smartx_device.transport``): ``connect_tls``, ``SerialTransport(port)`` (a UART
+  id, a port name or URL, or an open port), for ``transport_factory``.
 - ``load_credentials(path, private_key_path=None)`` -> ``Credentials``.
 - Errors, each carrying the hub's close ``reason``, ``detail`` and ``retry_after_ms``:
   ``ClientError`` > ``AuthError``, ``DeviceDisabledError``, ``HubUnreachableError``,

@@ -20,9 +20,9 @@ from smartx_device import clock as clock_module
 from smartx_device import messages as m
 from smartx_device import reasons as r
 from smartx_device.auth import Signer
-from smartx_device.client import (FATAL_ERRORS, RECV_SIZE, SOFTWARE, CAMismatchError,
-                                  ClientCore, ClientError, ConnectionLostError,
-                                  HubUnreachableError, error_for_close)
+from smartx_device.client import (DEFAULT_ACK_TIMEOUT_MS, FATAL_ERRORS, RECV_SIZE, SOFTWARE,
+                                  CAMismatchError, ClientCore, ClientError,
+                                  ConnectionLostError, HubUnreachableError, error_for_close)
 from smartx_device.credentials import Credentials, load_credentials
 from smartx_device.framing import DEFAULT_MAX_FRAME_SIZE, StreamFramer
 from smartx_device.queue import OfflineQueue
@@ -67,7 +67,8 @@ class AsyncClient:
                  backoff: Optional[backoff_module.Backoff] = None,
                  queue_options: Optional[dict] = None, handshake_timeout_ms: int = 10000,
                  connect_timeout_ms: int = 10000, max_in_flight: int = 4,
-                 software: str = SOFTWARE) -> None:
+                 software: str = SOFTWARE,
+                 ack_timeout_ms: Optional[int] = DEFAULT_ACK_TIMEOUT_MS) -> None:
         self.credentials = credentials
         self.device_id = credentials.device_id
         self.host = host or credentials.hub_host
@@ -80,7 +81,8 @@ class AsyncClient:
         self.queue = OfflineQueue(queue_path, **options)
         signer = Signer(credentials.auth, credentials.secret, credentials.private_key_pem)
         self.core = _AsyncCore(self.device_id, signer, self.queue, clock_module.WallClock(),
-                               software, max_in_flight=max_in_flight)
+                               software, max_in_flight=max_in_flight,
+                               ack_timeout_ms=ack_timeout_ms)
         self.core.wake = self._wake
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None

@@ -13,6 +13,9 @@ Two layers (docs/device-sdk.md, "Client"):
 Delivery: at least once, exactly-once in effect. A reading is on flash before ``publish``
 returns; a batch keeps its msg_id for ever (queue rules); after a reconnect every sealed,
 unacknowledged batch is sent again first, in order; the hub stores a repeated id once.
+On a live session, a Telemetry batch or ReportedState with no Ack after ``ack_timeout_ms`` is
+sent again with the same msg_id and content (a serial link behind a gateway loses a frame
+without a sound); each further wait doubles, up to ``MAX_ACK_TIMEOUT_MS``.
 
 Errors: one ``ClientError`` subclass per case a user can act on, each carrying the hub's close
 ``reason`` (smartx_device.reasons), its ``detail`` and ``retry_after_ms``.
@@ -34,6 +37,12 @@ SOFTWARE = "smartx-device/0.1.0"
 DEFAULT_MAX_IN_FLIGHT = 4  # batches sent and not yet acknowledged
 DEFAULT_BATCH_READINGS = 256
 RECV_SIZE = 4096
+# An unacknowledged Telemetry or ReportedState is sent again on the same session after this
+# long; the hub acks in milliseconds, so 10 s means the frame or its Ack was lost.
+DEFAULT_ACK_TIMEOUT_MS = 10000
+# Each resend of the same message waits twice as long as the one before, up to this (or up
+# to ack_timeout_ms when that is larger): a slow hub is not buried under repeats.
+MAX_ACK_TIMEOUT_MS = 60000
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -117,7 +126,7 @@ class ClientCore:
 
     def __init__(self, device_id, signer, queue, wall_clock=None, software=SOFTWARE,
                  capabilities=None, max_in_flight=DEFAULT_MAX_IN_FLIGHT,
-                 batch_readings=DEFAULT_BATCH_READINGS):
+                 batch_readings=DEFAULT_BATCH_READINGS, ack_timeout_ms=DEFAULT_ACK_TIMEOUT_MS):
         self.device_id = device_id
         self.signer = signer
         self.queue = queue
@@ -127,6 +136,11 @@ class ClientCore:
                                                                           "state"]
         self.max_in_flight = max_in_flight
         self.batch_readings = batch_readings
+        # None: resend only on a new session (the behaviour before ack timeouts existed).
+        if ack_timeout_ms is not None and (type(ack_timeout_ms) is not int
+                                           or ack_timeout_ms < 1):
+            raise ValueError("ack_timeout_ms must be None or a positive int")
+        self.ack_timeout_ms = ack_timeout_ms
         self.handlers = {}
         self.desired_state_handler = None
         self.desired_state = None
@@ -135,6 +149,8 @@ class ClientCore:
         self.close_event = None
         self.session_id = None
         self.in_flight = []  # msg_ids sent on this session, oldest first
+        self._ack_waits = {}  # msg_id -> [resend deadline ms, resends so far], this session
+        self.resends = 0  # messages sent again on the same session after an ack timeout
         self.acked_batches = 0
         self.handler_errors = 0
         self.last_handler_error = None
@@ -150,6 +166,7 @@ class ClientCore:
         self.established = False
         self.close_event = None
         self.in_flight = []
+        self._ack_waits = {}
         if self._state is not None:
             self._state[2] = False
         return self.session.start(self.device_id, now_ms, self.capabilities, self.software)
@@ -184,19 +201,65 @@ class ClientCore:
         return events
 
     def handle_timer(self, now_ms):
-        """Run the session's due timers (keep-alive Ping, timeouts)."""
+        """Run the due timers: the session's (keep-alive Ping, timeouts) and ack timeouts
+        (the resent messages wait in ``data_to_send``)."""
         if self.session is None:
             return []
         events = self.session.handle_timer(now_ms)
         for event in events:
             self._handle(event, now_ms)
+        if self.established:
+            self._resend_due(now_ms)
         return events
 
     def next_timer(self):
         """When ``handle_timer`` must next run (ms), or None."""
         if self.session is None:
             return None
-        return self.session.get_timer()
+        timer = self.session.get_timer()
+        if self.established:
+            for wait in self._ack_waits.values():
+                if timer is None or wait[0] < timer:
+                    timer = wait[0]
+        return timer
+
+    def _ack_wait_ms(self, resends):
+        """How long to wait for an Ack after a message's first send (``resends`` 0) or its
+        n-th resend: ``ack_timeout_ms`` doubled n times, capped."""
+        cap = max(MAX_ACK_TIMEOUT_MS, self.ack_timeout_ms)
+        wait = self.ack_timeout_ms
+        while resends > 0 and wait < cap:
+            wait *= 2
+            resends -= 1
+        return min(wait, cap)
+
+    def _await_ack(self, msg_id, now_ms, resends=0):
+        if self.ack_timeout_ms is not None:
+            self._ack_waits[msg_id] = [now_ms + self._ack_wait_ms(resends), resends]
+
+    def _resend_due(self, now_ms):
+        # Same msg_id, same readings: the hub stores a repeated id once and acks it again.
+        for msg_id in list(self.in_flight):
+            wait = self._ack_waits.get(msg_id)
+            if wait is None or wait[0] > now_ms:
+                continue
+            readings = self.queue.batch(msg_id, self._resolve_time)
+            if readings is None:  # the queue bound dropped it while it was in flight
+                self.in_flight.remove(msg_id)
+                del self._ack_waits[msg_id]
+                continue
+            self._outbox.extend(self.session.send(m.Telemetry(msg_id=msg_id, readings=readings),
+                                                  now_ms))
+            self._await_ack(msg_id, now_ms, wait[1] + 1)
+            self.resends += 1
+        state = self._state
+        if state is not None and state[2]:
+            wait = self._ack_waits.get(state[0])
+            if wait is not None and wait[0] <= now_ms:
+                self._outbox.extend(self.session.send(m.ReportedState(msg_id=state[0],
+                                                                      state=state[1]), now_ms))
+                self._await_ack(state[0], now_ms, wait[1] + 1)
+                self.resends += 1
 
     def _handle(self, event, now_ms):
         if isinstance(event, ChallengeReceived):
@@ -215,6 +278,9 @@ class ClientCore:
 
     def _handle_message(self, message, now_ms):
         if message.TYPE == m.ACK:
+            # A repeated Ack (the original and a resend were both answered) finds nothing
+            # left to clear and is ignored.
+            self._ack_waits.pop(message.msg_id, None)
             if message.msg_id in self.in_flight:
                 self.in_flight.remove(message.msg_id)
                 if self.queue.ack(message.msg_id):
@@ -266,6 +332,8 @@ class ClientCore:
     def report_state(self, state):
         """Remember ``state`` to report (the latest wins); returns its msg_id."""
         msg_id = self.queue.allocate_msg_id()
+        if self._state is not None:
+            self._ack_waits.pop(self._state[0], None)  # superseded: never resent
         self._state = [msg_id, state, False]
         return msg_id
 
@@ -290,6 +358,7 @@ class ClientCore:
                 out.extend(self.session.send(m.ReportedState(msg_id=self._state[0],
                                                              state=self._state[1]), now_ms))
                 self._state[2] = True
+                self._await_ack(self._state[0], now_ms)
             self._fill_window(out, now_ms)
         return bytes(out)
 
@@ -311,6 +380,7 @@ class ClientCore:
             readings = self.queue.batch(msg_id, self._resolve_time)
             out.extend(self.session.send(m.Telemetry(msg_id=msg_id, readings=readings), now_ms))
             self.in_flight.append(msg_id)
+            self._await_ack(msg_id, now_ms)
         budget = self.session.peer_max_frame_size // 2
         while len(self.in_flight) < self.max_in_flight and self.queue.unsealed_count:
             sealed = self.queue.seal(self._resolve_time, self.batch_readings, budget,
@@ -320,6 +390,7 @@ class ClientCore:
             msg_id, readings = sealed
             out.extend(self.session.send(m.Telemetry(msg_id=msg_id, readings=readings), now_ms))
             self.in_flight.append(msg_id)
+            self._await_ack(msg_id, now_ms)
 
     def _resolve_time(self, monotonic_ms, this_boot):
         if this_boot:
@@ -350,7 +421,8 @@ class Client:
                  backoff=None, monotonic=None, sleep=None, keepalive_ms=None,
                  handshake_timeout_ms=10000, connect_timeout_ms=10000,
                  max_in_flight=DEFAULT_MAX_IN_FLIGHT, software=SOFTWARE, log=None,
-                 discovery_interfaces=None, discovery_timeout_ms=5000):
+                 discovery_interfaces=None, discovery_timeout_ms=5000,
+                 ack_timeout_ms=DEFAULT_ACK_TIMEOUT_MS):
         if isinstance(credentials, str):
             from smartx_device.credentials import load_credentials
 
@@ -375,7 +447,7 @@ class Client:
         self.queue = OfflineQueue(queue_path, **options)
         self.core = ClientCore(self.device_id, signer, self.queue,
                                clock_module.WallClock(self._monotonic), software,
-                               max_in_flight=max_in_flight)
+                               max_in_flight=max_in_flight, ack_timeout_ms=ack_timeout_ms)
         self._transport = None
         self._want_connected = False
         self._reconnect_at = None

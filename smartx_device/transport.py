@@ -185,27 +185,29 @@ def _connect_tls_micropython(host, port, ca_der, server_name, timeout_ms):
 
 
 class SerialTransport:
-    """A serial link (pyserial on CPython, ``machine.UART`` on MicroPython) with the serial
-    framing: for boards behind a gateway."""
+    """A serial link with the serial framing (COBS + CRC), for boards behind a gateway.
+
+    ``port`` is one of: an int, a UART id (``machine.UART(port, baudrate)``; on a board
+    ``machine`` is the firmware's, and under the simulator it is the simulated board's); a
+    str, a port name or pyserial URL (``serial.serial_for_url``, CPython); or an object, an
+    already open port: used through pyserial's API (``in_waiting``, ``timeout``, ``read``,
+    ``write``, ``flush``, ``close``) if it has ``in_waiting`` or lacks ``any``, else through
+    ``machine.UART``'s (``any``, ``read``, ``write``)."""
 
     def __init__(self, port, baudrate=115200):
         self.closed = False
-        if IS_MICROPYTHON:
-            import machine
-
-            self._uart = port if not isinstance(port, int) else machine.UART(port, baudrate)
-            self._serial = None
+        self._serial = None  # driven through pyserial's API
+        self._uart = None  # driven through machine.UART's API
+        if isinstance(port, bool):
+            raise TransportError("a serial port is a UART id, a port name or an open port")
+        if isinstance(port, int):
+            self._uart = _open_uart(port, baudrate)
+        elif isinstance(port, str):
+            self._serial = _open_serial(port, baudrate)
+        elif hasattr(type(port), "in_waiting") or not hasattr(port, "any"):
+            self._serial = port
         else:
-            import serial
-
-            self._uart = None
-            if isinstance(port, str):
-                try:
-                    self._serial = serial.serial_for_url(port, baudrate=baudrate, timeout=0)
-                except (serial.SerialException, ValueError) as error:
-                    raise TransportError("cannot open %s: %s" % (port, error))
-            else:
-                self._serial = port  # an already open pyserial object
+            self._uart = port
 
     def make_framer(self, max_frame_size):
         """COBS+CRC framing: a UART drops and flips bytes and mixes in console text."""
@@ -213,40 +215,67 @@ class SerialTransport:
 
     def send(self, data):
         """Write all of ``data`` to the line."""
+        if self.closed:
+            raise TransportError("the serial port is closed")
         try:
             if self._serial is not None:
                 self._serial.write(data)
                 self._serial.flush()
             else:
-                self._uart.write(data)
+                self._write_uart(data)
         except (OSError, ValueError) as error:
             raise TransportError("serial write failed: %s" % (error,))
 
-    def recv(self, max_bytes, timeout_ms):
-        """Bytes within ``timeout_ms``, or None; a serial line never reports end of stream."""
+    def _write_uart(self, data):
+        # machine.UART.write may take part of the data (a full TX buffer) or, after its own
+        # timeout, none (None): keep going until the deadline.
         from smartx_device.clock import monotonic_ms, sleep_ms
 
+        view = memoryview(data)
+        deadline = monotonic_ms() + SEND_TIMEOUT_MS
+        while len(view):
+            written = self._uart.write(view)
+            if written:
+                view = view[written:]
+            elif monotonic_ms() >= deadline:
+                raise TransportError("serial write timed out with %d bytes unsent" % len(view))
+            else:
+                sleep_ms(1)
+
+    def recv(self, max_bytes, timeout_ms):
+        """Bytes within ``timeout_ms``, or None; a serial line never reports end of stream."""
+        if self.closed:
+            return b""
         try:
             if self._serial is not None:
-                self._serial.timeout = max(timeout_ms, 0) / 1000.0
-                waiting = self._serial.in_waiting
-                data = self._serial.read(min(max(waiting, 1), max_bytes))
-                if waiting == 0 and data:
-                    more = self._serial.in_waiting
-                    if more:
-                        data += self._serial.read(min(more, max_bytes - len(data)))
-                return data or None
-            deadline = monotonic_ms() + timeout_ms
-            while not self._uart.any():
-                if monotonic_ms() >= deadline:
-                    return None
-                sleep_ms(min(5, max(1, deadline - monotonic_ms())))
-            return self._uart.read(min(self._uart.any(), max_bytes))
+                return self._recv_serial(max_bytes, timeout_ms)
+            return self._recv_uart(max_bytes, timeout_ms)
         except (OSError, ValueError) as error:
             raise TransportError("serial read failed: %s" % (error,))
 
+    def _recv_serial(self, max_bytes, timeout_ms):
+        self._serial.timeout = max(timeout_ms, 0) / 1000.0
+        waiting = self._serial.in_waiting
+        data = self._serial.read(min(max(waiting, 1), max_bytes))
+        if waiting == 0 and data:
+            more = self._serial.in_waiting
+            if more:
+                data += self._serial.read(min(more, max_bytes - len(data)))
+        return data or None
+
+    def _recv_uart(self, max_bytes, timeout_ms):
+        from smartx_device.clock import monotonic_ms, sleep_ms
+
+        deadline = monotonic_ms() + timeout_ms
+        while not self._uart.any():
+            if monotonic_ms() >= deadline:
+                return None
+            sleep_ms(min(5, max(1, deadline - monotonic_ms())))
+        return self._uart.read(min(self._uart.any(), max_bytes)) or None
+
     def close(self):
-        """Close the port (idempotent; a ``machine.UART`` stays configured)."""
+        """Close the port (idempotent; a ``machine.UART`` stays configured for the next
+        session)."""
         if self.closed:
             return
         self.closed = True
@@ -255,3 +284,28 @@ class SerialTransport:
                 self._serial.close()
             except (OSError, ValueError):
                 pass
+
+
+def _open_uart(port, baudrate):
+    """``machine.UART(port, baudrate)`` on whichever interpreter provides ``machine``."""
+    try:
+        import machine
+    except ImportError:
+        raise TransportError("UART %d needs a board's machine module; on a computer pass the "
+                             "port's name (e.g. /dev/ttyUSB0) or a pyserial URL" % port)
+    try:
+        return machine.UART(port, baudrate)
+    except (OSError, ValueError) as error:
+        raise TransportError("cannot open UART %d: %s" % (port, error))
+
+
+def _open_serial(name, baudrate):
+    """A pyserial port from a name or URL (CPython)."""
+    if IS_MICROPYTHON:
+        raise TransportError("a port name needs pyserial; on a board pass the UART id")
+    import serial
+
+    try:
+        return serial.serial_for_url(name, baudrate=baudrate, timeout=0)
+    except (serial.SerialException, ValueError) as error:
+        raise TransportError("cannot open %s: %s" % (name, error))

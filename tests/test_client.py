@@ -670,3 +670,58 @@ def test_tls_transport_polls_with_a_zero_timeout(hub, tmp_path):
         link.close()
         link.close()  # idempotent
     assert link.recv(4096, 0) == b""
+
+
+# -- examples/sensor_node.py on the board simulator ----------------------------------------------
+
+SENSOR_NODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "examples", "sensor_node.py")
+
+
+def run_sensor_node(hub, tmp_path, name, files):
+    from firmware_sim.board import Board
+
+    bundle = add_device(hub.data, tmp_path, name, "hs256")
+    board = Board(name, SENSOR_NODE, directory=str(tmp_path / name), bundle=bundle,
+                  hub=("127.0.0.1", hub.device_port), files=files, console_log=False)
+    return board, device_id_of(bundle)
+
+
+def test_sensor_node_takes_interval_and_pins_from_config_json(hub, tmp_path):
+    config = {"interval_s": 2, "adc_pin": 34, "led_pin": 2}
+    board, device_id = run_sensor_node(hub, tmp_path, "configured",
+                                       {"config.json": json.dumps(config)})
+    board.sensor.script(34, [1111, 2222, 3333])  # only the configured pin reads these
+    store = hub.ctx.store
+    with board:
+        board.console.expect(r"SmartX sensor node %s booting" % device_id, 20)
+        board.console.expect(r"config: interval 2 s, ADC pin 34, LED pin 2", 5)
+        board.console.expect(r"connected", 10)
+        deadline = time.monotonic() + 10
+        while len(stored(store, device_id)) < 3:
+            assert time.monotonic() < deadline, stored(store, device_id)
+            board.clock.advance(1000)  # half an interval of board time per step
+            time.sleep(0.05)
+        store.set_desired_state(device_id, {"led": True}, int(time.time() * 1000))
+        hub.live.wake(device_id)
+        board.wait_for(lambda: board.pin(2).value == 1, 10, "the configured LED pin lit")
+        board.wait_for(lambda: (store.get_state(device_id).reported or {}).get("led") is True,
+                       10, "the LED state reported")
+        assert store.get_state(device_id).reported["interval_s"] == 2
+    assert [row.value for row in stored(store, device_id)][:3] == [1111, 2222, 3333]
+    assert board.pin(25).mode == -1 and not board.pin(25).history  # the default LED: untouched
+
+
+def test_sensor_node_keeps_the_defaults_for_a_broken_or_odd_config(hub, tmp_path):
+    board, _ = run_sensor_node(hub, tmp_path, "broken", {"config.json": "{interval_s: 5"})
+    with board:
+        board.console.expect(r"config.json is not JSON", 20)
+        board.console.expect(r"config: interval 10 s, ADC pin 26, LED pin 25", 5)
+        board.console.expect(r"connected", 10)
+    odd = {"interval_s": 0, "adc_pin": "GP27", "led_pin": [1]}
+    board, _ = run_sensor_node(hub, tmp_path, "odd", {"config.json": json.dumps(odd)})
+    with board:
+        board.console.expect(r"interval_s=0 ignored, keeping 10", 20)
+        board.console.expect(r"led_pin=\[1\] ignored, keeping 25", 5)
+        board.console.expect(r"config: interval 10 s, ADC pin GP27, LED pin 25", 5)
+        board.console.expect(r"connected", 10)
