@@ -524,6 +524,24 @@ class SerialFramer:
             index = zero + 1
         return items
 
+    def flush_console(self):
+        """Return pending console text now, without waiting for the next 0x00.
+
+        Console text is otherwise delivered when the delimiter of the next frame arrives,
+        which on a quiet link may be a keep-alive interval later (or never, after a crash).
+        Call this when the line has been quiet for a while (the gateway uses 100 ms): only a
+        pending chunk that is text and ends with a newline is released, so a frame cut short
+        mid-transmission, which is neither, stays buffered.
+        """
+        items = []
+        pending = self._pending
+        if not self._discarding and pending and pending[-1] == 0x0A:
+            chunk = bytes(pending)
+            if _is_text(chunk):
+                self._pending = bytearray()
+                self._emit_console(chunk, items)
+        return items
+
     def _accumulate(self, segment, items):
         """Add bytes (no 0x00) to the pending chunk, cutting it off at ``chunk_limit``."""
         if self._discarding:

@@ -669,3 +669,23 @@ def test_serial_vector(vector, piece):
                for item in got]
     assert as_json == vector["items"]
     assert framer.corrupt == vector["corrupt"]
+
+
+def test_flush_console_releases_a_finished_line_but_not_a_partial_frame():
+    from smartx_device.framing import ConsoleText, SerialFramer
+
+    framer = SerialFramer()
+    frame = framer.encode(b"\x01\x02payload")
+    assert framer.feed(frame + b"booting\n") == [b"\x01\x02payload"]
+    flushed = framer.flush_console()
+    assert [type(item) for item in flushed] == [ConsoleText]
+    assert flushed[0].data == b"booting\n"
+    assert framer.flush_console() == []
+    # Half a frame is kept until its delimiter arrives, and then decodes whole.
+    assert framer.feed(frame[:6]) == []
+    assert framer.flush_console() == []
+    assert framer.feed(frame[6:]) == [b"\x01\x02payload"]
+    # Text without its newline yet stays pending too.
+    framer.feed(b"\x00partial line")
+    assert framer.flush_console() == []
+    assert framer.feed(b" done\n\x00")[0].data == b"partial line done\n"
