@@ -8,13 +8,20 @@ written with mode 0600 because it holds the device's private key or secret:
      "secret_b64": str            (hs256 only: the shared secret, standard base64),
      "private_key_pem": str       (es256/eddsa when the hub generated the key; absent when the
                                    device made its own key and only its public key was enrolled),
+     "client_cert_pem": str,      (gateways only, both or neither: the TLS client certificate
+     "client_key_pem": str         the hub CA issued the gateway, and its P-256 PKCS#8 key;
+                                   smartx_hub/gateway_pki.py)
      "ca_pem": str, "ca_fingerprint": "sha256:<hex>",
      "hub_host": str, "hub_port": int, "server_name": str}
 
 ``hub_host`` may be empty: the device then finds the hub by discovery (and still pins ``ca_pem``).
 
-Rules: no other keys (a new field means a new version); ``ca_fingerprint`` must be the
-fingerprint of ``ca_pem``; a private key must be PKCS#8 PEM of the kind ``auth`` names.
+Rules: no other keys; a new field means a new version, unless it is optional and a reader
+that ignores it loses nothing (the gateway fields: a board never needs them, and the device SDK
+skips fields it does not use). ``ca_fingerprint`` must be the fingerprint of ``ca_pem``; a
+private key must be PKCS#8 PEM of the kind ``auth`` names. A gateway's certificate must be a
+gateway certificate (gateway_pki.gateway_id_from_cert) naming the bundle's ``device_id``,
+issued by ``ca_pem``, and ``client_key_pem`` must be its key.
 """
 
 from __future__ import annotations
@@ -29,16 +36,18 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from smartx_hub.crypto import fsync_dir
+from smartx_hub.gateway_pki import gateway_id_from_cert, key_matches_cert, load_certificate
 from smartx_hub.pki import PKIError, ca_fingerprint, load_private_key_pem
 
 BUNDLE_VERSION = 1
 MAX_BUNDLE_BYTES = 64 * 1024
 REQUIRED = ("version", "device_id", "name", "hub_id", "auth", "ca_pem", "ca_fingerprint",
             "hub_host", "hub_port", "server_name")
-OPTIONAL = ("secret_b64", "private_key_pem")
+OPTIONAL = ("secret_b64", "private_key_pem", "client_cert_pem", "client_key_pem")
+GATEWAY_FIELDS = ("client_cert_pem", "client_key_pem")
 FIELD_ORDER = ("version", "device_id", "name", "hub_id", "auth", "secret_b64",
-               "private_key_pem", "ca_pem", "ca_fingerprint", "hub_host", "hub_port",
-               "server_name")
+               "private_key_pem", "client_cert_pem", "client_key_pem", "ca_pem",
+               "ca_fingerprint", "hub_host", "hub_port", "server_name")
 MIN_SECRET_BYTES = 16
 
 _DEVICE_ID = re.compile(r"^dev_[a-z0-9]{16}$")
@@ -113,7 +122,35 @@ def validate_bundle(bundle: Any) -> dict:
                 raise BundleError("an eddsa bundle needs an Ed25519 private key")
     else:
         raise BundleError("bundle auth %r is not es256, eddsa or hs256" % auth)
+    _validate_gateway_fields(bundle)
     return bundle
+
+
+def is_gateway_bundle(bundle: dict) -> bool:
+    """Whether the bundle is a gateway's (it carries a client certificate)."""
+    return "client_cert_pem" in bundle
+
+
+def _validate_gateway_fields(bundle: dict) -> None:
+    present = [key for key in GATEWAY_FIELDS if key in bundle]
+    if not present:
+        return
+    if len(present) != len(GATEWAY_FIELDS):
+        raise BundleError("a gateway bundle carries both client_cert_pem and client_key_pem")
+    try:
+        cert = load_certificate(_text(bundle, "client_cert_pem").encode("ascii"))
+        gateway_id = gateway_id_from_cert(cert, bundle["ca_pem"])
+    except (PKIError, UnicodeEncodeError) as exc:
+        raise BundleError("bundle client_cert_pem: %s" % exc) from None
+    if gateway_id != bundle["device_id"]:
+        raise BundleError("bundle client_cert_pem names gateway %s, not %s"
+                          % (gateway_id, bundle["device_id"]))
+    try:
+        key = load_private_key_pem(_text(bundle, "client_key_pem").encode("ascii"))
+    except (PKIError, UnicodeEncodeError):
+        raise BundleError("bundle client_key_pem is not a PEM private key") from None
+    if not key_matches_cert(key, cert):
+        raise BundleError("bundle client_key_pem is not the P-256 key of client_cert_pem")
 
 
 def encode_bundle(bundle: dict) -> bytes:

@@ -9,12 +9,16 @@ Contract for every command (and for ``smartx_hub.cli_api``, which adds ``token``
   (set ``SMARTX_HUB_DEBUG=1`` to see one).
 - ``--json`` on commands that list or create prints one JSON document on stdout and nothing else.
 - State-changing device commands write an audit line (actor "cli", source "local").
+- Gateways (docs/security.md, "Gateways"): ``device add NAME --gateway`` enrols a gateway and
+  puts its TLS client certificate in its bundle; ``device add BOARD --via GATEWAY`` and
+  ``device assign BOARD --via GATEWAY | --direct`` say which gateway may relay for a board.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import importlib
 import inspect
 import json
@@ -24,12 +28,14 @@ import secrets
 import sys
 from typing import Any, Optional, Sequence
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from smartx_hub import pki
+from smartx_hub import gateway_pki, pki
 from smartx_hub.bundle import BundleError, write_bundle
 from smartx_hub.crypto import CryptoError
+from smartx_hub.limits import LimitsConfigError, ListenerLimits
 from smartx_hub.sqlite_store import SQLiteStore
 from smartx_hub.state import (
     DEFAULT_API_PORT,
@@ -99,10 +105,59 @@ def _port(text: str) -> int:
     return value
 
 
+def _listen_port(text: str) -> int:
+    """A port to listen on: 1..65535, or 0 for any free port (serve prints the one it got)."""
+    if text.strip() == "0":
+        return 0
+    try:
+        return _port(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError("%s (or 0 for any free port)" % exc) from None
+
+
+_LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(ListenerLimits)}
+
+
+def _limit_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for ``serve --limit``: KEY a ``ListenerLimits`` field, VALUE of its kind
+    (a whole number, or any number for the two rates)."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key or not raw:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE, not %r" % text)
+    field = _LIMIT_FIELDS.get(key)
+    if field is None:
+        raise argparse.ArgumentTypeError("unknown limit %r (one of: %s)"
+                                         % (key, ", ".join(sorted(_LIMIT_FIELDS))))
+    whole = field.type in (int, "int")
+    try:
+        value: Any = int(raw) if whole else float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError("limit %s needs %s, not %r" % (
+            key, "a whole number" if whole else "a number", raw)) from None
+    return key, value  # ranges and cross-checks: _limits_mapping, once all are known
+
+
+def _limits_mapping(settings: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """The ``--limit`` settings as the mapping ``serve(limits=...)`` takes; each key once, and
+    checked (ranges, settings that contradict each other) as hub.json's settings are."""
+    limits: dict[str, Any] = {}
+    for key, value in settings:
+        if key in limits:
+            raise UsageError("--limit %s is given twice" % key)
+        limits[key] = value
+    try:
+        ListenerLimits.from_mapping(limits)  # settings that contradict each other
+    except LimitsConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return limits
+
+
 def _device_json(device: Device, online: Optional[bool] = None) -> dict:
     data = {"id": device.id, "name": device.name, "auth": device.auth,
             "enabled": device.enabled, "created_ms": device.created_ms,
-            "last_seen_ms": device.last_seen_ms}
+            "last_seen_ms": device.last_seen_ms, "kind": device.kind,
+            "gateway_id": device.gateway_id}
     if online is not None:
         data["online"] = online
     return data
@@ -113,6 +168,24 @@ def _find_device(store: SQLiteStore, ref: str) -> Device:
     if device is None:
         raise CLIError("no device with id or name %r" % ref)
     return device
+
+
+def _find_gateway(store: SQLiteStore, ref: str) -> Device:
+    gateway = store.get_device(ref) or store.get_device_by_name(ref)
+    if gateway is None:
+        raise CLIError("no gateway with id or name %r" % ref)
+    if gateway.kind != "gateway":
+        raise CLIError("%s (%s) is not a gateway (enrol one with: device add NAME --gateway)"
+                       % (gateway.id, gateway.name))
+    return gateway
+
+
+def _issue_gateway_cert(ctx: HubContext, device_id: str) -> tuple[str, str]:
+    """A new client key and certificate for gateway ``device_id``, as PEM text."""
+    ca_cert = x509.load_pem_x509_certificate(ctx.ca_cert_pem)
+    key, cert = gateway_pki.create_gateway_cert(ctx.load_ca_key(), ca_cert, device_id,
+                                                wall_clock_ms())
+    return pki.cert_pem(cert).decode("ascii"), pki.private_key_pem(key).decode("ascii")
 
 
 # -- init ---------------------------------------------------------------------------------
@@ -172,8 +245,11 @@ def _read_public_key(path: str, auth: str) -> bytes:
 
 
 def cmd_device_add(args: argparse.Namespace) -> int:
-    """Enrol a device and write its credentials bundle."""
+    """Enrol a device (or a gateway) and write its credentials bundle."""
     auth = args.auth
+    kind = "gateway" if args.gateway else "device"
+    if args.gateway and args.via:
+        raise UsageError("--gateway and --via exclude each other: a gateway connects directly")
     out = args.out or (_SAFE_FILENAME.sub("_", args.name) + BUNDLE_SUFFIX)
     if os.path.lexists(out):
         raise CLIError("%s already exists; not overwriting it (choose another --out)" % out)
@@ -192,7 +268,10 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         private_pem = pki.private_key_pem(key).decode("ascii")
         public_pem = pki.public_key_pem(key)
     with open_hub(args) as ctx:
-        device = ctx.store.add_device(args.name, auth, public_pem, secret, wall_clock_ms())
+        gateway = _find_gateway(ctx.store, args.via) if args.via else None
+        device = ctx.store.add_device(args.name, auth, public_pem, secret, wall_clock_ms(),
+                                      kind=kind,
+                                      gateway_id=gateway.id if gateway is not None else None)
         bundle: dict[str, Any] = {
             "version": 1, "device_id": device.id, "name": device.name, "hub_id": ctx.hub_id,
             "auth": auth, "ca_pem": ctx.ca_cert_pem.decode("ascii"),
@@ -203,6 +282,9 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         if private_pem is not None:
             bundle["private_key_pem"] = private_pem
         try:
+            if kind == "gateway":
+                bundle["client_cert_pem"], bundle["client_key_pem"] = \
+                    _issue_gateway_cert(ctx, device.id)
             write_bundle(out, bundle)
         except BaseException:
             # No bundle, no device: an enrolment nobody can use must not linger.
@@ -211,15 +293,25 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         key_source = "device" if args.public_key else "hub"
         ctx.store.add_audit("device.enrolled", actor="cli", source="local",
                             detail={"device_id": device.id, "name": device.name, "auth": auth,
-                                    "key_source": key_source}, now_ms=wall_clock_ms())
+                                    "key_source": key_source, "kind": kind,
+                                    "gateway_id": device.gateway_id}, now_ms=wall_clock_ms())
     data = _device_json(device)
     data.update({"bundle": os.path.abspath(out), "key_source": key_source})
-    emit(args, data, "\n".join([
-        "Enrolled device %s (%s, %s)" % (device.id, device.name, auth),
-        "  credentials bundle: %s" % os.path.abspath(out),
-        "  it holds the device's %s: copy it onto the board, then delete it here"
-        % ("secret" if auth == "hs256" else "private key" if private_pem else "hub CA and address"),
-    ]))
+    held = ("secret" if auth == "hs256" else "private key" if private_pem
+            else "hub CA and address")
+    lines = ["Enrolled %s %s (%s, %s)" % (kind, device.id, device.name, auth),
+             "  credentials bundle: %s" % os.path.abspath(out)]
+    if kind == "gateway":
+        lines.append("  it holds the gateway's %s and its TLS client key: copy it onto the"
+                     " gateway, then delete it here" % held)
+        lines.append("  assign boards to it with: smartx-hub device add BOARD --via %s"
+                     % device.name)
+    else:
+        lines.append("  it holds the device's %s: copy it onto the board, then delete it here"
+                     % held)
+        if gateway is not None:
+            lines.append("  accepted only through gateway %s (%s)" % (gateway.id, gateway.name))
+    emit(args, data, "\n".join(lines))
     return 0
 
 
@@ -233,9 +325,12 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     if not devices:
         print("No devices enrolled.")
         return 0
-    rows = [("ID", "NAME", "AUTH", "ENABLED", "LAST SEEN (ms)")]
+    names = {d.id: d.name for d in devices}
+    rows = [("ID", "NAME", "KIND", "VIA", "AUTH", "ENABLED", "LAST SEEN (ms)")]
     for d in devices:
-        rows.append((d.id, d.name, d.auth, "yes" if d.enabled else "no",
+        rows.append((d.id, d.name, d.kind,
+                     "-" if d.gateway_id is None else names.get(d.gateway_id, d.gateway_id),
+                     d.auth, "yes" if d.enabled else "no",
                      "-" if d.last_seen_ms is None else str(d.last_seen_ms)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -264,6 +359,30 @@ def cmd_device_disable(args: argparse.Namespace) -> int:
 def cmd_device_enable(args: argparse.Namespace) -> int:
     """Accept the device again."""
     return _set_enabled(args, True)
+
+
+def cmd_device_assign(args: argparse.Namespace) -> int:
+    """Say which gateway may relay for a board (``--direct``: none, it connects itself)."""
+    with open_hub(args) as ctx:
+        device = _find_device(ctx.store, args.id)
+        if device.kind == "gateway":
+            raise CLIError("%s (%s) is a gateway: gateways connect directly"
+                           % (device.id, device.name))
+        gateway = None if args.direct else _find_gateway(ctx.store, args.via)
+        # Bumps meta "devices_version": a running hub re-checks the sessions relayed for it.
+        ctx.store.set_device_gateway(device.id, gateway.id if gateway is not None else None)
+        ctx.store.add_audit("device.assigned", actor="cli", source="local",
+                            detail={"device_id": device.id, "name": device.name,
+                                    "gateway_id": gateway.id if gateway is not None else None,
+                                    "previous_gateway_id": device.gateway_id},
+                            now_ms=wall_clock_ms())
+    data = {"id": device.id, "name": device.name,
+            "gateway_id": gateway.id if gateway is not None else None}
+    text = ("Device %s (%s) now connects directly" % (device.id, device.name) if gateway is None
+            else "Device %s (%s) is now accepted only through gateway %s (%s)"
+            % (device.id, device.name, gateway.id, gateway.name))
+    emit(args, data, text)
+    return 0
 
 
 def cmd_device_remove(args: argparse.Namespace) -> int:
@@ -310,13 +429,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if exc.name == "smartx_hub.server":
             raise CLIError("the hub server (smartx_hub.server) is not part of this build") from None
         raise CLIError("cannot load the hub server: %s" % exc) from None
+    limits = _limits_mapping(args.limit)
     ctx = open_hub(args)
     try:
+        device_port = args.device_port if args.device_port is not None else ctx.device_port
+        api_port = args.api_port if args.api_port is not None else ctx.api_port
+        if device_port == api_port and device_port != 0:
+            raise UsageError("the device port and the API port must differ (both are %d)"
+                             % device_port)
         result = server.serve(
-            ctx, host=args.host,
-            device_port=args.device_port if args.device_port is not None else ctx.device_port,
-            api_port=args.api_port if args.api_port is not None else ctx.api_port,
-            insecure_dev=args.insecure_dev, advertise=list(args.advertise))
+            ctx, host=args.host, device_port=device_port, api_port=api_port,
+            insecure_dev=args.insecure_dev, advertise=list(args.advertise), limits=limits)
         if inspect.iscoroutine(result):
             import asyncio  # only serve needs it; the other commands start faster without
 
@@ -358,11 +481,20 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Run the TLS device listener and the HTTPS API.")
     p.add_argument("--host", default="0.0.0.0",
                    help="address to listen on (default 0.0.0.0: every interface)")
-    p.add_argument("--device-port", type=_port, metavar="N",
-                   help="device listener port (default: from init)")
-    p.add_argument("--api-port", type=_port, metavar="N", help="API port (default: from init)")
+    p.add_argument("--device-port", type=_listen_port, metavar="N",
+                   help="device listener port (default: from init; 0: any free port, printed"
+                   " when serving)")
+    p.add_argument("--api-port", type=_listen_port, metavar="N",
+                   help="API port (default: from init; 0: any free port, printed when serving)")
+    p.add_argument("--limit", action="append", default=[], type=_limit_setting,
+                   metavar="KEY=VALUE",
+                   help="override a device-port flood limit for this run (repeatable; KEY is a"
+                   " setting of docs/operations.md \"Flood limits\", e.g. message_rate=20);"
+                   " applied over hub.json's device_limits")
     p.add_argument("--insecure-dev", action="store_true",
-                   help="also accept plaintext device connections (development only)")
+                   help="DEVELOPMENT ONLY: serve the device port and the API in plaintext"
+                   " (TCP and HTTP) instead of TLS; logs a loud warning. Never on a network"
+                   " you do not control")
     p.add_argument("--advertise", action="append", default=[], metavar="IFACE",
                    help="announce the hub by zeroconf on this interface (repeatable)")
     p.set_defaults(func=cmd_serve)
@@ -377,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="a unique device name")
     p.add_argument("--auth", choices=("es256", "eddsa", "hs256"), default="es256",
                    help="how the device signs its session token (default es256)")
+    p.add_argument("--gateway", action="store_true",
+                   help="enrol a gateway (e.g. a Raspberry Pi bridging serial boards): its"
+                   " bundle also holds a TLS client certificate from the hub CA")
+    p.add_argument("--via", metavar="GATEWAY",
+                   help="the gateway (id or name) this board is behind: only that gateway may"
+                   " relay its session, which the hub still verifies end to end")
     p.add_argument("--public-key", metavar="FILE",
                    help="register this PEM public key made on the device (its private key"
                    " never leaves the device)")
@@ -386,6 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = device_commands.add_parser("list", parents=[common, json_flag], help="list devices",
                                    description="List enrolled devices.")
     p.set_defaults(func=cmd_device_list)
+    p = device_commands.add_parser("assign", parents=[common, json_flag],
+                                   help="set the gateway a board is behind",
+                                   description="Set which gateway may relay for a board, or"
+                                   " let it connect directly. A live session on the old path"
+                                   " is re-checked by a running hub.")
+    p.add_argument("id", metavar="ID", help="the board's device id (or its name)")
+    path = p.add_mutually_exclusive_group(required=True)
+    path.add_argument("--via", metavar="GATEWAY", help="the gateway (id or name)")
+    path.add_argument("--direct", action="store_true",
+                      help="no gateway: the board connects to the hub itself")
+    p.set_defaults(func=cmd_device_assign)
     for action, func, text in (
             ("disable", cmd_device_disable, "refuse a device (ends its live session)"),
             ("enable", cmd_device_enable, "accept a disabled device again"),
@@ -434,7 +583,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: %s" % _one_line(str(exc)), file=sys.stderr)
         return EXIT_USAGE
     except (CLIError, StoreError, CryptoError, HubStateError, BundleError, pki.PKIError,
-            OSError) as exc:
+            LimitsConfigError, OSError) as exc:
         if debug:
             raise
         print("error: %s" % _one_line(str(exc)), file=sys.stderr)

@@ -16,6 +16,10 @@ Rules:
 - ``meta["devices_version"]`` counts changes to the device registry (add, enable, disable,
   remove). A running hub polls it to notice changes made by the CLI in another process.
 - Schema version in ``meta["schema_version"]``; ``_MIGRATIONS[n]`` takes version n-1 to n.
+  Version 2 adds ``devices.kind`` ("device" | "gateway") and ``devices.gateway_id`` (the gateway
+  a board is assigned to; a foreign key with no delete action, so a gateway with boards cannot
+  be deleted). Assigning a board bumps ``devices_version`` too: a running hub re-checks the
+  sessions a gateway relays.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from smartx_hub.store import (
     Command,
     ConflictError,
     Device,
+    DEVICE_KINDS,
     DeviceState,
     NotFoundError,
     Reading,
@@ -47,7 +52,7 @@ from smartx_hub.store import (
     User,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 AUTH_KINDS = ("es256", "eddsa", "hs256")
 MAX_NAME_LENGTH = 64
 MAX_QUERY_LIMIT = 10_000
@@ -149,6 +154,16 @@ CREATE TABLE audit (
 );
 """
 
+#: Version 2: device kinds and gateway assignment (docs/security.md, "Gateways"). SQLite's
+#: ADD COLUMN accepts the CHECK and the REFERENCES clause (whose default must be NULL), so the
+#: table need not be rebuilt; every existing device becomes a directly connected "device".
+_SCHEMA_V2 = """
+ALTER TABLE devices ADD COLUMN kind TEXT NOT NULL DEFAULT 'device'
+    CHECK (kind IN ('device', 'gateway'));
+ALTER TABLE devices ADD COLUMN gateway_id TEXT REFERENCES devices(id);
+CREATE INDEX devices_by_gateway ON devices(gateway_id);
+"""
+
 #: ``_MIGRATIONS[n]`` upgrades a database at version n-1 to version n, inside the open transaction.
 #: Version 1 is the initial schema. Add a function for each later version; never edit a shipped one.
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
@@ -167,6 +182,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: lambda conn: _run_script(conn, _SCHEMA_V1),
+    2: lambda conn: _run_script(conn, _SCHEMA_V2),
 }
 
 
@@ -328,9 +344,17 @@ class SQLiteStore(Store):
 
     # -- devices ----------------------------------------------------------------------------
     def add_device(self, name: str, auth: str, public_key_pem: Optional[bytes],
-                   secret: Optional[bytes], now_ms: int) -> Device:
-        """Enrol a device; ``ConflictError`` if the name is taken."""
+                   secret: Optional[bytes], now_ms: int, kind: str = "device",
+                   gateway_id: Optional[str] = None) -> Device:
+        """Enrol a device; ``ConflictError`` if the name is taken.
+
+        ``kind`` is "device" or "gateway"; ``gateway_id`` assigns a new board to a gateway
+        (``NotFoundError`` if there is no such device, ``StoreError`` if it is no gateway)."""
         _check_name("device", name)
+        if kind not in DEVICE_KINDS:
+            raise StoreError("kind must be one of %s" % ", ".join(DEVICE_KINDS))
+        if gateway_id is not None and kind != "device":
+            raise StoreError("a gateway connects directly: it cannot be assigned to a gateway")
         if auth not in AUTH_KINDS:
             raise StoreError("auth must be one of %s" % ", ".join(AUTH_KINDS))
         if auth == "hs256":
@@ -344,21 +368,35 @@ class SQLiteStore(Store):
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM devices WHERE name=?", (name,)).fetchone():
                 raise ConflictError("a device named %r already exists" % name)
+            if gateway_id is not None:
+                self._require_gateway(conn, gateway_id)
             conn.execute(
-                "INSERT INTO devices(id, name, auth, public_key_pem, secret, enabled, created_ms)"
-                " VALUES (?, ?, ?, ?, ?, 1, ?)",
-                (device_id, name, auth, public_key_pem, sealed, now_ms))
+                "INSERT INTO devices(id, name, auth, public_key_pem, secret, enabled, created_ms,"
+                " kind, gateway_id) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)",
+                (device_id, name, auth, public_key_pem, sealed, now_ms, kind, gateway_id))
             self._bump_devices_version(conn)
-        return Device(device_id, name, auth, public_key_pem, secret, True, now_ms)
+        return Device(device_id, name, auth, public_key_pem, secret, True, now_ms, None, kind,
+                      gateway_id)
+
+    @staticmethod
+    def _require_gateway(conn: sqlite3.Connection, gateway_id: str) -> None:
+        row = conn.execute("SELECT kind FROM devices WHERE id=?", (gateway_id,)).fetchone()
+        if row is None:
+            raise NotFoundError("no gateway %s" % gateway_id)
+        if row[0] != "gateway":
+            raise StoreError("device %s is not a gateway" % gateway_id)
 
     def _device_from_row(self, row: Sequence[Any]) -> Device:
-        device_id, name, auth, public_key_pem, sealed, enabled, created_ms, last_seen_ms = row
+        (device_id, name, auth, public_key_pem, sealed, enabled, created_ms, last_seen_ms, kind,
+         gateway_id) = row
         secret = None if sealed is None else self._open("secrets", sealed,
                                                         "devices", device_id, "secret")
-        return Device(device_id, name, auth, None if public_key_pem is None else bytes(public_key_pem),
-                      secret, bool(enabled), created_ms, last_seen_ms)
+        return Device(device_id, name, auth,
+                      None if public_key_pem is None else bytes(public_key_pem), secret,
+                      bool(enabled), created_ms, last_seen_ms, kind, gateway_id)
 
-    _DEVICE_COLUMNS = "id, name, auth, public_key_pem, secret, enabled, created_ms, last_seen_ms"
+    _DEVICE_COLUMNS = ("id, name, auth, public_key_pem, secret, enabled, created_ms, last_seen_ms,"
+                       " kind, gateway_id")
 
     def get_device(self, device_id: str) -> Optional[Device]:
         """The device, or None."""
@@ -385,11 +423,34 @@ class SQLiteStore(Store):
             self._bump_devices_version(conn)
 
     def remove_device(self, device_id: str) -> None:
-        """Delete a device with its telemetry, commands and state; bump ``devices_version``."""
+        """Delete a device with its telemetry, commands and state; bump ``devices_version``.
+
+        A gateway that boards are still assigned to is refused (``ConflictError``): removing it
+        must not silently turn its boards into directly connected ones."""
         with self._tx() as conn:
+            boards = [row[0] for row in conn.execute(
+                "SELECT name FROM devices WHERE gateway_id=? ORDER BY name LIMIT 4", (device_id,))]
+            if boards:
+                raise ConflictError(
+                    "gateway %s still relays for %s%s; assign them elsewhere first"
+                    % (device_id, ", ".join(boards[:3]), ", ..." if len(boards) > 3 else ""))
             cursor = conn.execute("DELETE FROM devices WHERE id=?", (device_id,))
             if cursor.rowcount == 0:
                 raise NotFoundError("no device %s" % device_id)
+            self._bump_devices_version(conn)
+
+    def set_device_gateway(self, device_id: str, gateway_id: Optional[str]) -> None:
+        """Assign a board to a gateway, or (None) let it connect directly; bump
+        ``devices_version`` so a running hub re-checks the sessions relayed for it."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT kind FROM devices WHERE id=?", (device_id,)).fetchone()
+            if row is None:
+                raise NotFoundError("no device %s" % device_id)
+            if gateway_id is not None:
+                if row[0] != "device":
+                    raise StoreError("%s is a gateway: it connects directly" % device_id)
+                self._require_gateway(conn, gateway_id)
+            conn.execute("UPDATE devices SET gateway_id=? WHERE id=?", (gateway_id, device_id))
             self._bump_devices_version(conn)
 
     def touch_device(self, device_id: str, last_seen_ms: int) -> None:
@@ -399,6 +460,21 @@ class SQLiteStore(Store):
                                   (last_seen_ms, device_id))
             if cursor.rowcount == 0:
                 raise NotFoundError("no device %s" % device_id)
+
+    def touch_devices(self, last_seen: dict[str, int]) -> None:
+        """Record many last-seen times in one transaction (see ``Store.touch_devices``)."""
+        rows = []
+        for device_id, when in last_seen.items():
+            if not isinstance(device_id, str) or not isinstance(when, int) \
+                    or isinstance(when, bool):
+                raise StoreError("last_seen maps device ids to integer milliseconds")
+            rows.append((when, device_id, when))
+        if not rows:
+            return
+        with self._tx() as conn:
+            # An id that matches no row updates nothing: a device removed meanwhile is skipped.
+            conn.executemany("UPDATE devices SET last_seen_ms=? WHERE id=? AND"
+                             " (last_seen_ms IS NULL OR last_seen_ms<?)", rows)
 
     # -- telemetry --------------------------------------------------------------------------
     def add_telemetry(self, batches: Sequence[TelemetryBatch]) -> list[bool]:

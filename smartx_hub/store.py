@@ -10,6 +10,9 @@ Rules:
   the store reads no clock, so tests control time.
 - A method that names a missing record raises ``NotFoundError``; a uniqueness clash raises
   ``ConflictError``. Both derive from ``StoreError``.
+- Gateways (docs/security.md, "Gateways"): a device record of kind ``"gateway"`` relays for
+  the boards whose ``gateway_id`` names it. Only a gateway can be named there, a gateway itself
+  has none, and a gateway that still has boards cannot be removed (``ConflictError``).
 """
 
 from __future__ import annotations
@@ -31,9 +34,15 @@ class ConflictError(StoreError):
     """The record clashes with an existing one (a taken name, say)."""
 
 
+DEVICE_KINDS = ("device", "gateway")
+
+
 @dataclass
 class Device:
-    """An enrolled device. ``secret`` is the opened HS256 secret (None for key-based auth)."""
+    """An enrolled device. ``secret`` is the opened HS256 secret (None for key-based auth).
+
+    ``kind`` is "device" (a board) or "gateway" (relays for boards); ``gateway_id`` is the
+    gateway a board is assigned to (None: the board connects directly)."""
 
     id: str
     name: str
@@ -43,6 +52,8 @@ class Device:
     enabled: bool
     created_ms: int
     last_seen_ms: Optional[int] = None
+    kind: str = "device"
+    gateway_id: Optional[str] = None
 
 
 @dataclass
@@ -153,7 +164,9 @@ class Store(abc.ABC):
     # -- devices ----------------------------------------------------------------
     @abc.abstractmethod
     def add_device(self, name: str, auth: str, public_key_pem: Optional[bytes],
-                   secret: Optional[bytes], now_ms: int) -> Device: ...
+                   secret: Optional[bytes], now_ms: int, kind: str = "device",
+                   gateway_id: Optional[str] = None) -> Device:
+        """Enrol a device of ``kind``, assigned to ``gateway_id`` (a board only)."""
 
     @abc.abstractmethod
     def get_device(self, device_id: str) -> Optional[Device]: ...
@@ -168,7 +181,16 @@ class Store(abc.ABC):
     def remove_device(self, device_id: str) -> None: ...
 
     @abc.abstractmethod
+    def set_device_gateway(self, device_id: str, gateway_id: Optional[str]) -> None:
+        """Assign a board to a gateway (None: the board connects directly)."""
+
+    @abc.abstractmethod
     def touch_device(self, device_id: str, last_seen_ms: int) -> None: ...
+
+    @abc.abstractmethod
+    def touch_devices(self, last_seen: dict[str, int]) -> None:
+        """Record many last-seen times in one transaction: unknown ids are skipped, and a
+        device's ``last_seen_ms`` never moves backwards."""
 
     # -- telemetry --------------------------------------------------------------
     @abc.abstractmethod

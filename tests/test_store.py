@@ -9,13 +9,15 @@ import sqlite3
 import threading
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from smartx_hub import sqlite_store
 from smartx_hub.crypto import Keyring, SealError, WrappedKey, generate_master_key
 from smartx_hub.sqlite_store import SCHEMA_VERSION, SQLiteStore
 from smartx_hub.store import (
     ConflictError,
+    Device,
     NotFoundError,
     StoreError,
     TelemetryBatch,
@@ -147,6 +149,167 @@ def test_devices_version_is_seen_by_another_connection(tmp_path, master):
     assert hub.get_device(dev.id).enabled is False
     cli.close()
     hub.close()
+
+
+def count_transactions(store, action):
+    """How many write transactions ``action`` opens on the store's connection."""
+    statements = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        action()
+    finally:
+        store._conn.set_trace_callback(None)
+    return sum(1 for sql in statements if sql.strip().upper().startswith("BEGIN"))
+
+
+def test_touch_devices_one_transaction_unknown_skipped_never_backwards(store):
+    a, b, c = add_es(store, "a"), add_es(store, "b"), add_es(store, "c")
+    store.touch_device(b.id, 500)
+    touches = {a.id: 100, b.id: 400, c.id: 700, "dev_removedmeanwhile": 900}
+    assert count_transactions(store, lambda: store.touch_devices(touches)) == 1
+    assert [store.get_device(d.id).last_seen_ms for d in (a, b, c)] == [100, 500, 700]
+    store.touch_devices({a.id: 150, c.id: 650})
+    assert (store.get_device(a.id).last_seen_ms, store.get_device(c.id).last_seen_ms) == (150, 700)
+    assert count_transactions(store, lambda: store.touch_devices({})) == 0
+    version = store.get_meta("devices_version")
+    store.touch_devices({a.id: 10_000})
+    assert store.get_meta("devices_version") == version  # not a registry change
+
+
+def test_touch_devices_bad_input_changes_nothing(store):
+    a, b = add_es(store, "a"), add_es(store, "b")
+    # Each call mixes a good entry for a with a bad one: all or nothing.
+    for bad in ({b.id: "soon"}, {b.id: True}, {b.id: 1.5}, {5: 1}, {b.id: 2**70}):
+        with pytest.raises(StoreError):
+            store.touch_devices({a.id: 7, **bad})
+        assert store.get_device(a.id).last_seen_ms is None
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.dictionaries(st.sampled_from(range(4)), st.integers(0, 10**13), max_size=4),
+                max_size=5))
+def test_touch_devices_keeps_the_latest_time(store, rounds):
+    """Model: after any sequence of calls, each device's last_seen is the largest time given."""
+    names = ["m%d-%d" % (next(_UNIQUE), i) for i in range(3)]
+    devices = [add_es(store, name) for name in names]
+    ids = [d.id for d in devices] + ["dev_notenrolledyet"]
+    expected: dict = {}
+    for touches in rounds:
+        store.touch_devices({ids[i]: when for i, when in touches.items()})
+        for i, when in touches.items():
+            expected[ids[i]] = max(expected.get(ids[i], when), when)
+    for device in devices:
+        assert store.get_device(device.id).last_seen_ms == expected.get(device.id)
+
+
+_UNIQUE = itertools.count()
+
+
+# -- gateways ----------------------------------------------------------------------------
+
+
+def test_device_kind_and_gateway_defaults(store):
+    board = add_es(store, "board")
+    assert (board.kind, board.gateway_id) == ("device", None)
+    assert (store.get_device(board.id).kind, store.get_device(board.id).gateway_id) == \
+        ("device", None)
+    positional = Device("dev_x", "x", "es256", PEM, None, True, 1)  # older callers still work
+    assert (positional.kind, positional.gateway_id, positional.last_seen_ms) == \
+        ("device", None, None)
+
+
+def test_gateway_assignment(store):
+    gateway = store.add_device("pi", "es256", PEM, None, 1, kind="gateway")
+    other = store.add_device("pi2", "eddsa", PEM, None, 2, kind="gateway")
+    board = store.add_device("b1", "hs256", None, b"k" * 32, 3, gateway_id=gateway.id)
+    loose = add_es(store, "b2", 4)
+    assert (gateway.kind, gateway.gateway_id) == ("gateway", None)
+    assert (board.kind, board.gateway_id) == ("device", gateway.id)
+    listed = {d.name: (d.kind, d.gateway_id) for d in store.list_devices()}
+    assert listed == {"pi": ("gateway", None), "pi2": ("gateway", None),
+                      "b1": ("device", gateway.id), "b2": ("device", None)}
+    assert store.get_device_by_name("b1").gateway_id == gateway.id
+    assert store.get_device(board.id).secret == b"k" * 32
+
+    version = int(store.get_meta("devices_version"))
+    store.set_device_gateway(loose.id, other.id)
+    store.set_device_gateway(board.id, None)
+    assert store.get_device(loose.id).gateway_id == other.id
+    assert store.get_device(board.id).gateway_id is None
+    assert int(store.get_meta("devices_version")) == version + 2  # a running hub re-checks
+
+
+def test_gateway_rules(store):
+    gateway = store.add_device("pi", "es256", PEM, None, 1, kind="gateway")
+    board = store.add_device("b1", "es256", PEM, None, 2, gateway_id=gateway.id)
+    version = store.get_meta("devices_version")
+    refused = [
+        (StoreError, lambda: store.add_device("x", "es256", PEM, None, 1, kind="bridge")),
+        (NotFoundError, lambda: store.add_device("x", "es256", PEM, None, 1,
+                                                 gateway_id="dev_missing")),
+        (StoreError, lambda: store.add_device("x", "es256", PEM, None, 1, gateway_id=board.id)),
+        (StoreError, lambda: store.add_device("x", "es256", PEM, None, 1, kind="gateway",
+                                              gateway_id=gateway.id)),
+        (StoreError, lambda: store.set_device_gateway(gateway.id, gateway.id)),
+        (StoreError, lambda: store.set_device_gateway(board.id, board.id)),
+        (NotFoundError, lambda: store.set_device_gateway("dev_missing", gateway.id)),
+        (NotFoundError, lambda: store.set_device_gateway(board.id, "dev_missing")),
+        (ConflictError, lambda: store.remove_device(gateway.id)),
+    ]
+    for error, call in refused:
+        with pytest.raises(error):
+            call()
+    # Nothing of the refused calls stuck.
+    assert store.get_device_by_name("x") is None
+    assert store.get_device(board.id).gateway_id == gateway.id
+    assert store.get_device(gateway.id) is not None
+    assert store.get_meta("devices_version") == version
+    with pytest.raises(ConflictError, match="b1"):
+        store.remove_device(gateway.id)
+    store.set_device_gateway(board.id, None)
+    store.remove_device(gateway.id)
+    assert store.get_device(gateway.id) is None and store.get_device(board.id) is not None
+
+
+def test_gateway_foreign_key_backs_the_rule(store, tmp_path):
+    """Even SQL that skips the store's check cannot orphan a board or invent a kind."""
+    gateway = store.add_device("pi", "es256", PEM, None, 1, kind="gateway")
+    store.add_device("b1", "es256", PEM, None, 2, gateway_id=gateway.id)
+    conn = raw(tmp_path / "hub.db")
+    conn.execute("PRAGMA foreign_keys=ON")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("DELETE FROM devices WHERE id=?", (gateway.id,))
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE devices SET gateway_id='dev_missing' WHERE name='b1'")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE devices SET kind='bridge' WHERE name='b1'")
+    conn.close()
+
+
+def test_migration_from_schema_1(tmp_path, master, monkeypatch):
+    """A database made by the version 1 hub gains kind and gateway_id, keeping its devices."""
+    monkeypatch.setattr(sqlite_store, "SCHEMA_VERSION", 1)
+    old = open_store(tmp_path / "hub.db", master)
+    assert old.get_meta("schema_version") == "1"
+    old._conn.execute("INSERT INTO devices(id, name, auth, public_key_pem, secret, enabled,"
+                      " created_ms, last_seen_ms) VALUES ('dev_aaaaaaaaaaaaaaaa', 'old', 'es256',"
+                      " ?, NULL, 1, 5, 6)", (PEM,))
+    columns = {r[1] for r in old._conn.execute("PRAGMA table_info(devices)")}
+    assert "kind" not in columns and "gateway_id" not in columns
+    old.close()
+    monkeypatch.undo()
+
+    s = open_store(tmp_path / "hub.db", master)
+    assert s.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
+    device = s.get_device("dev_aaaaaaaaaaaaaaaa")
+    assert (device.name, device.public_key_pem, device.last_seen_ms, device.kind,
+            device.gateway_id) == ("old", PEM, 6, "device", None)
+    gateway = s.add_device("pi", "es256", PEM, None, 7, kind="gateway")
+    s.set_device_gateway(device.id, gateway.id)
+    s.close()
+    s = open_store(tmp_path / "hub.db", master)  # reopening migrates nothing twice
+    assert s.get_device(device.id).gateway_id == gateway.id
+    s.close()
 
 
 # -- telemetry ---------------------------------------------------------------------------
