@@ -21,7 +21,7 @@ $(NODE_STAMP): package.json
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m smartx_hub.demo
+	$(PY) examples/demo.py
 
 test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest -q -n 2 tests hil
