@@ -18,13 +18,44 @@ Public API:
 The protocol core (``cbor``, ``framing``, ``messages``, ``session``) is imported by module.
 """
 
-from smartx_device.auth import CredentialError
-from smartx_device.client import (AuthError, CAMismatchError, Client, ClientError,
-                                  ConnectionLostError, DeviceDisabledError, HubUnreachableError,
-                                  RateLimitedError, TokenExpiredError, VersionUnsupportedError)
-from smartx_device.credentials import Credentials, load_credentials
-from smartx_device.queue import (KEEP_ALL, KEEP_LATEST, QueueError, StreamPolicy,
-                                 drop_older_than)
+# Names load on first use (PEP 562 module __getattr__, which MicroPython also has): a board
+# that imports only the protocol core (``import smartx_device.cbor``) runs this file too, and
+# importing the whole client here would cost it about 100 KiB of heap for nothing.
+_LAZY = {
+    "CredentialError": "smartx_device.auth",
+    "AuthError": "smartx_device.client", "CAMismatchError": "smartx_device.client",
+    "Client": "smartx_device.client", "ClientError": "smartx_device.client",
+    "ConnectionLostError": "smartx_device.client", "DeviceDisabledError": "smartx_device.client",
+    "HubUnreachableError": "smartx_device.client", "RateLimitedError": "smartx_device.client",
+    "TokenExpiredError": "smartx_device.client",
+    "VersionUnsupportedError": "smartx_device.client",
+    "Credentials": "smartx_device.credentials", "load_credentials": "smartx_device.credentials",
+    "KEEP_ALL": "smartx_device.queue", "KEEP_LATEST": "smartx_device.queue",
+    "QueueError": "smartx_device.queue", "StreamPolicy": "smartx_device.queue",
+    "drop_older_than": "smartx_device.queue",
+}
+
+
+def __getattr__(name):
+    """Import a public name's module the first time the name is used."""
+    module = _LAZY.get(name)
+    if module is None:
+        if name.startswith("_"):
+            raise AttributeError("module 'smartx_device' has no attribute '%s'" % name)
+        # MicroPython asks this hook for ``from smartx_device import jwt`` before it looks for
+        # a submodule: import it, and the import binds it here.
+        try:
+            __import__("smartx_device." + name)
+        except ImportError:
+            raise AttributeError("module 'smartx_device' has no attribute '%s'" % name)
+        value = globals().get(name)
+        if value is None:
+            raise AttributeError("module 'smartx_device' has no attribute '%s'" % name)
+        return value
+    value = getattr(__import__(module, None, None, [name]), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
