@@ -1,45 +1,47 @@
-"""Hub benchmark: verified handshakes per second, acknowledged readings per second over TLS, and
-memory per idle verified session.
+"""Our side of the benchmark: a hub in a temporary directory and the device load generators.
 
     python benchmarks/hub_bench.py [--rounds 3] [--duration 5] [--sessions 1000] [--json FILE]
 
+runs the hub-only figures (verified handshakes/s, acked readings/s, RSS per idle verified
+session); ``benchmarks/run.py`` uses the same parts for the side-by-side table.
+
 What it does, so the numbers mean something:
 - A fresh hub (``init_hub``) in a temporary directory, with devices enrolled in its encrypted
-  store, runs as a real subprocess: ``python -m smartx_hub serve`` (device listener + API in
-  one loop). Its flood limits are raised through ``device_limits`` in ``hub.json``: every client
-  here shares 127.0.0.1.
-- Clients run in separate processes (asyncio, the SDK's protocol core and signer), so the hub's
-  CPU and memory are its own. The machine's cores are shared between both sides.
-- Handshakes: each one is TCP + TLS + Hello/challenge/JWT/Accepted with a fresh nonce, verified
-  against the store; ES256 and HS256 devices measured separately.
-- Readings: devices pipeline Telemetry batches (1 or 16 readings each, up to ``--window`` in
-  flight) and count Acks. An Ack is only sent after the batch is committed to SQLite (sealed
-  with AES-256-GCM, ``synchronous=FULL``); after the run the store is opened and every acked
-  reading is counted there too.
-- Memory: the hub's RSS (``/proc/PID/status``) before and after ``--sessions`` verified idle
-  sessions connect, divided by the number of sessions.
-Each figure is measured ``--rounds`` times; the table shows the median (and the spread).
+  store, runs as a real subprocess: ``python -m smartx_hub serve`` (device listener + API in one
+  loop), started through ``--serve`` here, which only decides TCP_NODELAY first (asyncio sets it
+  on every transport; the hub has no setting). Its flood limits are raised through
+  ``device_limits`` in ``hub.json``: every client here shares 127.0.0.1.
+- Clients run in separate worker processes (asyncio, the SDK's protocol core and signer), so the
+  hub's CPU and memory are its own. The machine's cores are shared between both sides.
+- Handshakes: each is TCP + TLS + Hello/challenge/JWT/Accepted with a fresh nonce, verified
+  against the store.
+- Readings: devices pipeline Telemetry batches (up to ``window`` in flight) and count Acks. An
+  Ack is only sent after the batch is committed to SQLite (sealed with AES-256-GCM,
+  ``synchronous=FULL``); after the run the hub is stopped and every acked batch is counted in
+  its database (``Hub.count_stored``).
+- Memory: the hub's RSS (``/proc/PID/status``) before and after N verified idle sessions.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
-import platform
-import resource
 import signal
-import socket
+import sqlite3
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (ROOT, Worker, cpu_seconds, free_port, median, raise_nofile,  # noqa: E402
+                    rss_kb, set_asyncio_nodelay, worker_io)
 
 from smartx_device import messages as m  # noqa: E402
 from smartx_device import session as core  # noqa: E402
@@ -51,22 +53,21 @@ BENCH_LIMITS = {
     "connection_burst_per_ip": 1000000, "message_rate": 1e6, "message_burst": 1000000,
     "auth_failures_before_backoff": 1000000,
 }
+THIS = os.path.abspath(__file__)
 
 
 def now_ms() -> int:
+    """Wall-clock milliseconds, as the devices' core takes them."""
     return time.time_ns() // 1_000_000
 
 
-def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return hard
-    except (ValueError, OSError):
-        return soft
+def sample_readings(count: int, ts_ms: int) -> list:
+    """The readings every ingest and wire figure uses: a sensor value with two decimals (a
+    CBOR float64 on our wire, five characters of JSON on MQTT's)."""
+    return [["temp", ts_ms, 21.37 + index] for index in range(count)]
 
 
-# -- client side (runs in its own process) ----------------------------------------------
+# -- device side (worker processes) -----------------------------------------------------
 
 
 class Device:
@@ -78,13 +79,14 @@ class Device:
         self.context = context
         secret = None
         if creds["auth"] == "hs256":
-            import base64
             secret = base64.b64decode(creds["secret_b64"])
         self.signer = Signer(creds["auth"], secret=secret,
                              private_key_pem=creds.get("private_key_pem"))
         self.reader = self.writer = self.session = None
+        self.next_id = 1  # set per worker: a repeated msg_id is acked again but stored once
 
     async def events(self) -> list:
+        """Read once; return the core's events (answering Pings); ConnectionError at EOF."""
         data = await self.reader.read(65536)
         events = self.session.receive_data(data, now_ms())
         pending = self.session.data_to_send()
@@ -95,6 +97,7 @@ class Device:
         return events
 
     async def connect(self) -> None:
+        """TLS, Hello, challenge, JWT, Accepted."""
         self.reader, self.writer = await asyncio.open_connection(
             "127.0.0.1", self.port, ssl=self.context, server_hostname="localhost")
         self.session = core.DeviceSession(now_ms())
@@ -110,14 +113,15 @@ class Device:
                     raise ConnectionError("refused: reason %s" % event.reason)
 
     def close(self) -> None:
+        """Close the connection (no Close message)."""
         if self.writer is not None:
             self.writer.close()
 
 
-async def client_handshakes(devices: list, port: int, context, duration: float,
-                            concurrency: int) -> dict:
-    done = 0
-    failures = 0
+async def run_handshakes(devices: list, port: int, context, duration: float,
+                         concurrency: int) -> dict:
+    """Connect, verify and drop devices for ``duration`` s, ``concurrency`` at a time."""
+    done = failures = 0
     deadline = time.monotonic() + duration
 
     async def worker(index: int) -> None:
@@ -135,97 +139,90 @@ async def client_handshakes(devices: list, port: int, context, duration: float,
 
     started = time.monotonic()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return {"handshakes": done, "failures": failures, "seconds": time.monotonic() - started}
+    return {"count": done, "failures": failures, "seconds": time.monotonic() - started}
 
 
-async def client_readings(devices: list, port: int, context, duration: float,
-                          per_message: int, window: int, first_id: int) -> dict:
+async def run_readings(devices: list, duration: float, per_message: int, window: int) -> dict:
+    """Every connected device pipelines Telemetry for ``duration`` s; acked readings counted
+    when their Ack arrives. Returns the msg_id range each device used (all acked)."""
     acked_readings = 0
-    acked = {}
 
-    async def run(creds: dict) -> None:
+    async def run(device: Device) -> list:
         nonlocal acked_readings
-        device = Device(creds, port, context)
-        await device.connect()
-        readings = [["temp", 0, 21.5 + i] for i in range(per_message)]
-        next_id, in_flight = first_id, set()
-        mine = acked.setdefault(creds["device_id"], [])
+        readings = sample_readings(per_message, now_ms())
+        first = device.next_id
+        in_flight = set()
         stop_at = time.monotonic() + duration
-        try:
-            while True:
-                sending = time.monotonic() < stop_at
-                while sending and len(in_flight) < window:
-                    for reading in readings:
-                        reading[1] = now_ms()
-                    device.writer.write(device.session.send(
-                        m.Telemetry(msg_id=next_id, readings=readings), now_ms()))
-                    in_flight.add(next_id)
-                    next_id += 1
-                if not in_flight:
-                    break
-                for event in await device.events():
-                    if isinstance(event, core.MessageReceived) and isinstance(event.message, m.Ack):
-                        in_flight.discard(event.message.msg_id)
-                        mine.append(event.message.msg_id)
-                        acked_readings += per_message
-                    elif isinstance(event, core.SessionClosed):
-                        raise ConnectionError("closed: reason %s" % event.reason)
-        finally:
-            device.close()
+        session = device.session
+        write = device.writer.write
+        while True:
+            sending = time.monotonic() < stop_at
+            while sending and len(in_flight) < window:
+                stamp = now_ms()
+                for reading in readings:
+                    reading[1] = stamp
+                write(session.send(m.Telemetry(msg_id=device.next_id, readings=readings), stamp))
+                in_flight.add(device.next_id)
+                device.next_id += 1
+            if not in_flight:
+                break
+            for event in await device.events():
+                if isinstance(event, core.MessageReceived) and isinstance(event.message, m.Ack):
+                    in_flight.discard(event.message.msg_id)
+                    acked_readings += per_message
+                elif isinstance(event, core.SessionClosed):
+                    raise ConnectionError("closed: reason %s" % event.reason)
+        return [device.creds["device_id"], first, device.next_id - 1, per_message]
 
     started = time.monotonic()
-    await asyncio.gather(*(run(creds) for creds in devices))
-    return {"readings": acked_readings, "seconds": time.monotonic() - started, "acked": acked}
+    ranges = await asyncio.gather(*(run(device) for device in devices))
+    return {"count": acked_readings, "seconds": time.monotonic() - started, "ranges": ranges}
 
 
-async def client_idle(devices: list, port: int, context, count: int) -> None:
-    held = []
-    for index in range(count):
-        device = Device(devices[index], port, context)
-        await device.connect()
-        held.append(device)
-    print(json.dumps({"ready": len(held)}), flush=True)
-    # Hold the sessions (answering nothing: keep-alive is long) until told to let go.
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.readline)
-    for device in held:
-        device.close()
-
-
-def client_main(args: argparse.Namespace) -> None:
+def device_worker(args: argparse.Namespace) -> None:
+    """A worker process: connect (for ``readings`` and ``idle``), say ready, then run one
+    measurement per command line until ``quit``."""
     raise_nofile()
+    set_asyncio_nodelay(args.nodelay)
+    emit, next_command = worker_io()
     with open(args.device_file) as handle:
-        devices = json.load(handle)
+        creds = json.load(handle)
     with open(args.ca, "rb") as handle:
         from smartx_hub.pki import client_tls_context
         context = client_tls_context(handle.read())
-    if args.client == "handshakes":
-        result = asyncio.run(client_handshakes(devices, args.port, context, args.duration,
-                                               args.concurrency))
-    elif args.client == "readings":
-        result = asyncio.run(client_readings(devices, args.port, context, args.duration,
-                                             args.per_message, args.window, args.first_id))
-    else:
-        asyncio.run(client_idle(devices, args.port, context, args.count))
-        return
-    print(json.dumps(result), flush=True)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        devices = []
+        if args.mode in ("readings", "idle"):
+            # Connected a few at a time: the hub's own flood limits are raised, but a burst
+            # of thousands of handshakes would only measure the accept backlog.
+            for start in range(0, len(creds), 64):
+                batch = [Device(c, args.port, context) for c in creds[start:start + 64]]
+                for device in batch:
+                    device.next_id = args.first_id
+                await asyncio.gather(*(d.connect() for d in batch))
+                devices.extend(batch)
+        emit({"ready": len(devices)})
+        while True:
+            command = await loop.run_in_executor(None, next_command)
+            if command == "quit":
+                break
+            if args.mode == "handshakes":
+                emit(await run_handshakes(creds, args.port, context, args.duration,
+                                          args.concurrency))
+            elif args.mode == "readings":
+                emit(await run_readings(devices, args.duration, args.per_message, args.window))
+            else:
+                emit({"held": len(devices)})
+        for device in devices:
+            device.close()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
 
 
 # -- hub side ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_kb(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS for %d" % pid)
 
 
 class Hub:
@@ -237,11 +234,14 @@ class Hub:
         from smartx_hub import pki
         from smartx_hub.state import init_hub
 
+        self.workdir = workdir
         self.data_dir = os.path.join(workdir, "hub")
         ctx = init_hub(self.data_dir)
         try:
             self.hub_id = ctx.hub_id
             self.ca_path = ctx.ca_cert_path
+            self.cert_path = ctx.server_cert_path
+            self.key_path = ctx.server_key_path
             self.devices = {}
             for auth, count in devices_per_kind.items():
                 kind = []
@@ -250,7 +250,6 @@ class Hub:
                         secret = os.urandom(32)
                         device = ctx.store.add_device("%s-%d" % (auth, index), auth, None, secret,
                                                       now_ms())
-                        import base64
                         kind.append({"device_id": device.id, "auth": auth,
                                      "secret_b64": base64.b64encode(secret).decode()})
                     else:
@@ -268,16 +267,26 @@ class Hub:
         config["device_limits"] = BENCH_LIMITS
         with open(config_path, "w") as handle:
             json.dump(config, handle)
-        self.workdir = workdir
-        self.process = None
-        self.port = None
+        self.process: Optional[subprocess.Popen] = None
+        self.port: Optional[int] = None
+        self.api_port: Optional[int] = None
+        self.nodelay = True
+        self._next_first_id = 1
 
-    def start(self) -> None:
+    @property
+    def pid(self) -> int:
+        """The hub process's pid."""
+        return self.process.pid
+
+    def start(self, nodelay: bool = True) -> None:
+        """Start ``serve`` (TCP_NODELAY on every connection, or on none)."""
+        self.nodelay = nodelay
         self.port = free_port()
+        self.api_port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "smartx_hub", "serve", "--data", self.data_dir,
-             "--host", "127.0.0.1", "--device-port", str(self.port),
-             "--api-port", str(free_port())],
+            [sys.executable, THIS, "--serve", "--nodelay", str(int(nodelay)), "--",
+             "serve", "--data", self.data_dir, "--host", "127.0.0.1",
+             "--device-port", str(self.port), "--api-port", str(self.api_port)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
         banner = ""
         while "CA fingerprint" not in banner:
@@ -287,142 +296,160 @@ class Hub:
             banner += line
 
     def stop(self) -> None:
+        """SIGTERM the hub and wait for a clean exit."""
         process, self.process = self.process, None
         if process is None:
             return
         process.send_signal(signal.SIGTERM)
-        if process.wait(timeout=60) != 0:
+        if process.wait(timeout=120) != 0:
             raise RuntimeError("the hub exited with %s" % process.returncode)
         process.stdout.close()
 
-    def client(self, mode: str, devices: list, **options) -> subprocess.Popen:
-        path = os.path.join(self.workdir, "devices-%s-%d.json" % (mode, len(devices)))
+    def rss_kb(self) -> int:
+        """The hub's resident set size, KiB."""
+        return rss_kb(self.pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU time the hub process has used so far."""
+        return cpu_seconds(self.pid)
+
+    def worker(self, mode: str, devices: list, **options) -> Worker:
+        """Start a device worker (``handshakes``, ``readings`` or ``idle``); it is ready (and
+        connected) when this returns."""
+        path = os.path.join(self.workdir, "devices-%s-%d-%d.json" % (mode, len(devices),
+                                                                     time.monotonic_ns()))
         with open(path, "w") as handle:
             json.dump(devices, handle)
-        command = [sys.executable, os.path.abspath(__file__), "--client", mode, "--port",
-                   str(self.port), "--ca", self.ca_path, "--device-file", path]
+        command = [THIS, "--client", mode, "--port", str(self.port), "--ca", self.ca_path,
+                   "--device-file", path, "--nodelay", str(int(self.nodelay))]
+        if mode == "readings":
+            # Each worker numbers its batches in its own range of msg_ids.
+            command += ["--first-id", str(self._next_first_id)]
+            self._next_first_id += 1_000_000_000
         for name, value in options.items():
             command += ["--" + name.replace("_", "-"), str(value)]
-        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True, cwd=ROOT)
+        worker = Worker(command)
+        worker.read("while connecting devices")
+        return worker
 
-    def run_client(self, mode: str, devices: list, **options) -> dict:
-        process = self.client(mode, devices, **options)
-        out, _ = process.communicate(timeout=600)
-        if process.returncode != 0:
-            raise RuntimeError("%s client failed" % mode)
-        return json.loads(out.strip().splitlines()[-1])
+    def count_stored(self, ranges: list) -> int:
+        """Readings of the acked batches found in the hub's database (the hub is stopped).
 
-    def count_stored(self, acked: dict) -> int:
-        """Readings of the acked batches found in the store (opened after the hub stopped)."""
+        ``ranges`` are ``[device_id, first msg_id, last msg_id, readings per message]``.
+        Counted with SQL on the readings table (its values stay sealed); ``check_readable``
+        opens some through the store's own API."""
+        connection = sqlite3.connect(os.path.join(self.data_dir, "hub.db"))
+        try:
+            total = 0
+            for device_id, first, last, _ in ranges:
+                if last < first:
+                    continue
+                total += connection.execute(
+                    "SELECT COUNT(*) FROM readings WHERE device_id=? AND msg_id BETWEEN ? AND ?",
+                    (device_id, first, last)).fetchone()[0]
+            return total
+        finally:
+            connection.close()
+
+    def check_readable(self, device_ids: list) -> int:
+        """Open the newest readings of some devices through the store (decrypts them)."""
         from smartx_hub.state import load_hub
 
         ctx = load_hub(self.data_dir)
         try:
-            total = 0
-            for device_id, batches in acked.items():
-                wanted = set(batches)
-                before = None
-                while True:
-                    page = ctx.store.query_telemetry(device_id, limit=10_000, before_seq=before)
-                    total += sum(1 for r in page if r.msg_id in wanted)
-                    if len(page) < 10_000:
-                        break
-                    before = page[-1].seq
-            return total
+            opened = 0
+            for device_id in device_ids:
+                for reading in ctx.store.query_telemetry(device_id, limit=20):
+                    if reading.stream != "temp" or not isinstance(reading.value, float):
+                        raise RuntimeError("a stored reading does not read back")
+                    opened += 1
+            return opened
         finally:
             ctx.close()
 
 
-def median_row(name: str, values: list, unit: str) -> dict:
-    return {"metric": name, "median": statistics.median(values), "min": min(values),
-            "max": max(values), "unit": unit, "rounds": len(values)}
+def expected_readings(ranges: list) -> int:
+    """Readings the ranges stand for."""
+    return sum((last - first + 1) * per for _, first, last, per in ranges if last >= first)
 
 
-def bench(args: argparse.Namespace) -> list:
+# -- standalone run ------------------------------------------------------------------------
+
+
+def measure(server_pid: int, worker: Worker, command: str = "run") -> dict:
+    """One measurement by ``worker``, with the server's CPU time over exactly that span."""
+    before = cpu_seconds(server_pid)
+    result = worker.ask(command)
+    result["server_cpu_s"] = cpu_seconds(server_pid) - before
+    return result
+
+
+def idle_rss_per_session(hub: Hub, devices: list, warm: int = 20) -> float:
+    """Bytes of hub RSS per idle verified session (a fresh hub process: freed memory is not
+    returned to the OS, so a second measurement in one process would measure reuse)."""
+    hub.stop()
+    hub.start(hub.nodelay)
+    warmup = hub.worker("idle", devices[:warm])
+    warmup.close()
+    time.sleep(0.5)
+    before = hub.rss_kb()
+    idle = hub.worker("idle", devices)
+    time.sleep(1.0)
+    after = hub.rss_kb()
+    idle.close()
+    return (after - before) * 1024.0 / len(devices)
+
+
+def standalone(args: argparse.Namespace) -> list:
+    """The hub-only figures of ``main`` (no Mosquitto)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="smartx-bench-") as workdir:
-        hub = Hub(workdir, {"es256": max(args.sessions, args.concurrency, args.devices),
+        hub = Hub(workdir, {"es256": max(args.sessions, args.concurrency),
                             "hs256": max(args.concurrency, args.devices)})
         hub.start()
+        ranges = []
         try:
-            for auth in ("es256", "hs256") if "handshakes" in args.only else ():
-                rates = []
-                for _ in range(args.rounds):
-                    result = hub.run_client("handshakes", hub.devices[auth][:args.concurrency],
-                                            duration=args.duration, concurrency=args.concurrency)
-                    if result["failures"]:
-                        raise RuntimeError("%d handshakes failed" % result["failures"])
-                    rates.append(result["handshakes"] / result["seconds"])
-                rows.append(median_row("verified handshakes/s (%s, %d concurrent)"
-                                       % (auth.upper(), args.concurrency), rates, "1/s"))
-            acked_batches = {}  # device id -> {msg_id: readings in it}
-            acked_readings = 0
-            first_id = 1
-            for per_message in (1, 16) if "readings" in args.only else ():
-                rates = []
-                for _ in range(args.rounds):
-                    # Fresh message ids every run: a repeated id would be acked, not stored.
-                    result = hub.run_client("readings", hub.devices["hs256"][:args.devices],
-                                            duration=args.duration, per_message=per_message,
-                                            window=args.window, first_id=first_id)
-                    first_id += 100_000_000
-                    rates.append(result["readings"] / result["seconds"])
-                    acked_readings += result["readings"]
-                    for device_id, ids in result["acked"].items():
-                        batches = acked_batches.setdefault(device_id, {})
-                        for msg_id in ids:
-                            batches[msg_id] = per_message
-                rows.append(median_row("acked readings/s (%d per message, %d devices)"
-                                       % (per_message, args.devices), rates, "1/s"))
-            per_session = []
-            for _ in range(args.rounds if "memory" in args.only else 0):
-                # A fresh hub process each round: freed memory is not returned to the OS, so a
-                # second round in the same process would measure reuse, not growth.
-                hub.stop()
-                hub.start()
-                # Warm up allocator arenas and caches with a few sessions first.
-                warm = hub.client("idle", hub.devices["es256"][:20], count=20)
-                warm.stdout.readline()
-                warm.communicate("go\n", timeout=60)
-                time.sleep(0.5)
-                before = rss_kb(hub.process.pid)
-                idle = hub.client("idle", hub.devices["es256"][:args.sessions],
-                                  count=args.sessions)
-                ready = json.loads(idle.stdout.readline())
-                time.sleep(1.0)
-                after = rss_kb(hub.process.pid)
-                idle.communicate("go\n", timeout=120)
-                if ready["ready"] != args.sessions:
-                    raise RuntimeError("only %s sessions connected" % ready["ready"])
-                per_session.append((after - before) * 1024 / args.sessions / 1000.0)
-            if per_session:
-                rows.append(median_row("hub RSS per idle verified session (%d sessions)"
-                                       % args.sessions, per_session, "kB"))
+            if "handshakes" in args.only:
+                for auth in ("es256", "hs256"):
+                    worker = hub.worker("handshakes", hub.devices[auth][:args.concurrency],
+                                        duration=args.duration, concurrency=args.concurrency)
+                    rates = []
+                    for _ in range(args.rounds):
+                        result = measure(hub.pid, worker)
+                        rates.append(result["count"] / result["seconds"])
+                    worker.close()
+                    rows.append(("verified handshakes/s (%s, %d concurrent)"
+                                 % (auth.upper(), args.concurrency), rates, "1/s"))
+            if "readings" in args.only:
+                for per_message in (1, 16):
+                    worker = hub.worker("readings", hub.devices["hs256"][:args.devices],
+                                        duration=args.duration, per_message=per_message,
+                                        window=args.window)
+                    rates = []
+                    for _ in range(args.rounds):
+                        result = measure(hub.pid, worker)
+                        rates.append(result["count"] / result["seconds"])
+                        ranges.extend(result["ranges"])
+                    worker.close()
+                    rows.append(("acked readings/s (%d per message, %d devices)"
+                                 % (per_message, args.devices), rates, "1/s"))
+            if "memory" in args.only:
+                sizes = [idle_rss_per_session(hub, hub.devices["es256"][:args.sessions]) / 1000
+                         for _ in range(args.rounds)]
+                rows.append(("hub RSS per idle verified session (%d sessions)" % args.sessions,
+                             sizes, "kB"))
         finally:
             hub.stop()
-        if not acked_batches:
-            return rows
-        stored = hub.count_stored(acked_batches)
-        rows.append({"metric": "acked readings (all runs) found in the store: %d of %d"
-                     % (stored, acked_readings), "median": stored, "min": stored,
-                     "max": stored, "unit": "readings", "rounds": 1})
-        if stored != acked_readings:
-            raise RuntimeError("%d readings acked but %d stored" % (acked_readings, stored))
+        if ranges:
+            stored, wanted = hub.count_stored(ranges), expected_readings(ranges)
+            if stored != wanted:
+                raise RuntimeError("%d readings acked but %d stored" % (wanted, stored))
+            rows.append(("acked readings found in the store (all runs)", [stored], "readings"))
     return rows
 
 
-def print_table(rows: list) -> None:
-    width = max(len(row["metric"]) for row in rows)
-    print("\n%-*s  %12s  %12s  %12s" % (width, "metric", "median", "min", "max"))
-    for row in rows:
-        print("%-*s  %12.1f  %12.1f  %12.1f  %s" % (width, row["metric"], row["median"],
-                                                    row["min"], row["max"], row["unit"]))
-    print("\n(Python %s, %s, %d CPUs; hub and clients share them)"
-          % (platform.python_version(), ssl.OPENSSL_VERSION, os.cpu_count() or 0))
-
-
 def main() -> None:
+    """Standalone run, the hub launcher (``--serve``) and the device workers (``--client``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
@@ -433,23 +460,34 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--only", nargs="+", choices=["handshakes", "readings", "memory"],
                         default=["handshakes", "readings", "memory"], help="measure only these")
-    # Client mode (internal): the benchmark starts itself as the client process.
-    parser.add_argument("--client", choices=["handshakes", "readings", "idle"], help=argparse.SUPPRESS)
+    parser.add_argument("--nodelay", type=int, default=1, help=argparse.SUPPRESS)
+    # Internal: the hub launcher, and the device workers.
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--client", dest="mode", choices=["handshakes", "readings", "idle"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--device-file", help=argparse.SUPPRESS)
     parser.add_argument("--ca", help=argparse.SUPPRESS)
     parser.add_argument("--per-message", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--first-id", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.client:
-        client_main(args)
+    if args.serve:
+        set_asyncio_nodelay(bool(args.nodelay))
+        from smartx_hub.cli import main as hub_main
+        raise SystemExit(hub_main(args.rest))
+    if args.mode:
+        device_worker(args)
         return
-    rows = bench(args)
-    print_table(rows)
+    rows = standalone(args)
+    width = max(len(name) for name, _, _ in rows)
+    for name, values, unit in rows:
+        print("%-*s  %12.1f  (min %.1f, max %.1f) %s" % (width, name, median(values),
+                                                         min(values), max(values), unit))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+            json.dump([{"metric": n, "median": median(v), "values": v, "unit": u}
+                       for n, v, u in rows], handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,12 @@ def _encode_float(value):
         return _F9_POS_INF
     if value == -_INF:
         return _F9_NEG_INF
+    double = struct.pack(">Bd", 0xFB, value)
+    # Any of the low 29 of the 52 mantissa bits set: more precision than a float32 (23 bits)
+    # holds, so float64 it is, without trying the shorter forms. Most sensor values (21.37)
+    # end here, having cost one allocation.
+    if double[6] or double[7] or double[8] or double[5] & 0x1F:
+        return double
     try:
         single = struct.pack(">f", value)
     except OverflowError:  # CPython refuses out-of-range floats; MicroPython returns inf
@@ -128,7 +134,7 @@ def _encode_float(value):
         if half >= 0:
             return struct.pack(">BH", 0xF9, half)
         return b"\xfa" + single
-    return b"\xfb" + struct.pack(">d", value)
+    return double
 
 
 def _encode_key(key):
@@ -141,54 +147,108 @@ def _encode_key(key):
 
 
 def _encode(value, out, depth):
-    """Append the encoding of ``value`` to the list ``out``; ``depth`` counts enclosing containers."""
+    """Append the encoding of ``value`` to the list ``out``; ``depth`` counts enclosing containers.
+
+    Exact built-in types are tested first, the most frequent in messages first (this runs for
+    every item of every message); subclasses, and values outside the subset, go to
+    ``_encode_other``. On CPython ``bool`` is an int subclass, but ``type(True) is int`` is
+    false, so booleans never take the int branch."""
     kind = type(value)
-    # bool before int: on CPython bool is an int subclass.
-    if kind is bool:
-        out.append(b"\xf5" if value else b"\xf4")
-    elif kind is int or isinstance(value, int):
-        if 0 <= value < _UINT_LIMIT:
+    if kind is int:
+        if 0 <= value < 24:
+            out.append(_ONE_BYTE[value])
+        elif 0 <= value < _UINT_LIMIT:
             out.append(_head(0, value))
         elif -_UINT_LIMIT <= value < 0:
             out.append(_head(1, -1 - value))
         else:
             raise CBOREncodeError("integer %d is outside [-2**64, 2**64-1]" % value)
-    elif kind is str or isinstance(value, str):
+    elif kind is str:
         try:
             raw = value.encode("utf-8")
         except UnicodeError:  # CPython: lone surrogates have no UTF-8 form
             raise CBOREncodeError("text string is not encodable as UTF-8")
-        out.append(_head(3, len(raw)))
+        size = len(raw)
+        out.append(_ONE_BYTE[0x60 | size] if size < 24 else _head(3, size))
         out.append(raw)
-    elif kind is bytes or kind is bytearray or isinstance(value, (bytes, bytearray)):
-        out.append(_head(2, len(value)))
-        out.append(bytes(value))
+    elif kind is float:
+        out.append(_encode_float(value))
+    elif kind is list or kind is tuple:
+        if depth >= MAX_DEPTH:
+            raise CBOREncodeError("nesting deeper than %d" % MAX_DEPTH)
+        size = len(value)
+        out.append(_ONE_BYTE[0x80 | size] if size < 24 else _head(4, size))
+        depth += 1
+        for element in value:
+            _encode(element, out, depth)
+    elif kind is dict:
+        _encode_map(value, out, depth)
+    elif kind is bool:
+        out.append(b"\xf5" if value else b"\xf4")
     elif value is None:
         out.append(b"\xf6")
-    elif kind is float or isinstance(value, float):
-        out.append(_encode_float(value))
-    elif kind is list or kind is tuple or isinstance(value, (list, tuple)):
-        if depth >= MAX_DEPTH:
-            raise CBOREncodeError("nesting deeper than %d" % MAX_DEPTH)
-        out.append(_head(4, len(value)))
-        for element in value:
-            _encode(element, out, depth + 1)
-    elif kind is dict or isinstance(value, dict):
-        if depth >= MAX_DEPTH:
-            raise CBOREncodeError("nesting deeper than %d" % MAX_DEPTH)
-        entries = []
-        for key, element in value.items():
-            encoded_key = _encode_key(key)
-            entries.append((len(encoded_key), encoded_key, element))
-        # Length-first, then bytewise (RFC 8949 4.2.3, cbor2 canonical). Encoded keys are
-        # distinct, so the sort never compares the values in the third slot.
-        entries.sort(key=_entry_order)
-        out.append(_head(5, len(entries)))
-        for entry in entries:
-            out.append(entry[1])
-            _encode(entry[2], out, depth + 1)
+    elif kind is bytes or kind is bytearray:
+        out.append(_head(2, len(value)))
+        out.append(bytes(value))
     else:
-        raise CBOREncodeError("type %s is not in the CBOR subset" % kind.__name__)
+        _encode_other(value, out, depth)
+
+
+def _encode_other(value, out, depth):
+    """Encode a subclass of a subset type as its base; refuse everything else."""
+    if isinstance(value, int):
+        _encode(int(value), out, depth)
+    elif isinstance(value, str):
+        # Not str(value): a str subclass may override __str__ (an enum's name), not its text.
+        try:
+            raw = value.encode("utf-8")
+        except UnicodeError:
+            raise CBOREncodeError("text string is not encodable as UTF-8")
+        out.append(_head(3, len(raw)))
+        out.append(raw)
+    elif isinstance(value, (bytes, bytearray)):
+        out.append(_head(2, len(value)))
+        out.append(bytes(value))
+    elif isinstance(value, float):
+        out.append(_encode_float(value))
+    elif isinstance(value, (list, tuple)):
+        _encode(list(value), out, depth)
+    elif isinstance(value, dict):
+        _encode_map(value, out, depth)
+    else:
+        raise CBOREncodeError("type %s is not in the CBOR subset" % type(value).__name__)
+
+
+def _encode_map(value, out, depth):
+    """Append a map with its keys in canonical order (length-first, then bytewise)."""
+    if depth >= MAX_DEPTH:
+        raise CBOREncodeError("nesting deeper than %d" % MAX_DEPTH)
+    depth += 1
+    size = len(value)
+    # Every message is a map whose keys are small unsigned ints: their encodings are one
+    # byte each (0x00-0x17), so canonical order is numeric order and needs no encoded keys.
+    small = True
+    for key in value:
+        if type(key) is not int or not 0 <= key < 24:
+            small = False
+            break
+    if small:
+        out.append(_ONE_BYTE[0xA0 | size] if size < 24 else _head(5, size))
+        for key in sorted(value):
+            out.append(_ONE_BYTE[key])
+            _encode(value[key], out, depth)
+        return
+    entries = []
+    for key, element in value.items():
+        encoded_key = _encode_key(key)
+        entries.append((len(encoded_key), encoded_key, element))
+    # Length-first, then bytewise (RFC 8949 4.2.3, cbor2 canonical). Encoded keys are
+    # distinct, so the sort never compares the values in the third slot.
+    entries.sort(key=_entry_order)
+    out.append(_head(5, len(entries)))
+    for entry in entries:
+        out.append(entry[1])
+        _encode(entry[2], out, depth)
 
 
 def _entry_order(entry):
