@@ -19,6 +19,17 @@ Rules (docs/operations.md, "Device listener"):
   pool, every write on one writer thread so writes stay in order; results come back to the
   loop, which alone touches connection state.
 - Telemetry is acknowledged only after ``IngestCommitter`` reports its commit.
+- Gateways (docs/security.md, "Gateways"; helpers in smartx_hub/gateway_pki.py): given the hub
+  CA (``client_ca_pem``), the port asks for, but does not require, a client certificate. A
+  connection that presents a gateway certificate relays for boards: each board's Hello is
+  accepted only if the gateway's record is enabled and the board is assigned to it
+  (``gateway_refusal``, ``relay_refusal``), else Close ``not_authorised`` before any challenge;
+  the board then answers the challenge with its own JWT, checked as for any device, and the
+  path is checked again with the record verification returns. A direct connection (no
+  certificate) may not carry a board assigned to a gateway. Route refusals do not count as
+  auth failures of the address (a gateway's boards share it; the certificate names the
+  culprit). The registry poll re-checks the path of every relayed session (a gateway disabled
+  or a board moved ends it with ``not_authorised``).
 - Nothing here logs a token, a secret or a payload.
 """
 
@@ -39,13 +50,15 @@ from smartx_device import session as core
 from smartx_device.errors import LocalProtocolError, RemoteProtocolError
 from smartx_device.framing import StreamFramer
 from smartx_device.reasons import (CLOSE_DEVICE_DISABLED, CLOSE_HANDSHAKE_TIMEOUT,
-                                   CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_RATE_LIMITED,
-                                   CLOSE_REPLACED, CLOSE_SHUTTING_DOWN, CLOSE_UNKNOWN_DEVICE,
-                                   reason_name)
+                                   CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_NOT_AUTHORISED,
+                                   CLOSE_RATE_LIMITED, CLOSE_REPLACED, CLOSE_SHUTTING_DOWN,
+                                   CLOSE_UNKNOWN_DEVICE, reason_name)
+from smartx_hub.gateway_pki import (GatewayCertError, enable_gateway_client_certs,
+                                    gateway_id_from_cert, gateway_refusal, relay_refusal)
 from smartx_hub.ingest import IngestCommitter
 from smartx_hub.limits import ConnectionGate, DeviceRates, ListenerLimits
 from smartx_hub.live import LiveSessions
-from smartx_hub.store import Store, TelemetryBatch
+from smartx_hub.store import Device, Store, TelemetryBatch
 from smartx_hub.verify import DeviceVerifier, VerificationError
 
 log = logging.getLogger(__name__)
@@ -61,11 +74,36 @@ STORE_RETRY_AFTER_MS = 5000
 #: How long ``stop`` waits for sessions to take their Close before dropping them.
 STOP_DRAIN_S = 2.0
 HOUSEKEEPING_S = 0.5
+#: What a device refused for its path is told (the log says which rule).
+NOT_AUTHORISED_DETAIL = "not authorised on this path"
 
 
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch: the hub's time, sent to devices in the challenge."""
     return time.time_ns() // 1_000_000
+
+
+class RouteRefused(VerificationError):
+    """The board may not hold a session on this connection (its gateway, or the lack of one):
+    not an authentication failure, so the address is not backed off for it."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(CLOSE_NOT_AUTHORISED, NOT_AUTHORISED_DETAIL, cause)
+
+
+def route_refusal(store: Store, device: Optional[Device], via_gateway_id: Optional[str],
+                  gateway_problem: Optional[str] = None) -> Optional[str]:
+    """Why ``device`` may not hold a session on a connection through ``via_gateway_id`` (None:
+    a direct connection), or None. Looks the gateway's record up (store work: a worker thread)."""
+    if gateway_problem is not None:
+        return gateway_problem
+    if via_gateway_id is not None:
+        refusal = gateway_refusal(via_gateway_id, store.get_device(via_gateway_id))
+        if refusal is not None:
+            return refusal
+    if device is None:
+        return None  # an unknown device is refused as such by verification
+    return relay_refusal(device, via_gateway_id)
 
 
 class _CountingFramer(StreamFramer):
@@ -93,7 +131,7 @@ class DeviceConnection(asyncio.Protocol):
                  "tls_done", "session", "framer", "device_id", "nonce", "verified", "closing",
                  "timer", "timer_at", "tls_deadline", "first_frame_deadline", "inflight",
                  "paused", "last_touch_ms", "desired_sent", "waking", "wake_again",
-                 "devices_version")
+                 "devices_version", "gateway_id", "gateway_problem")
 
     def __init__(self, listener: "DeviceListener") -> None:
         self.listener = listener
@@ -122,6 +160,8 @@ class DeviceConnection(asyncio.Protocol):
         self.waking = False
         self.wake_again = False
         self.devices_version = None
+        self.gateway_id: Optional[str] = None  # the gateway whose certificate this connection shows
+        self.gateway_problem: Optional[str] = None  # a certificate that names no valid gateway
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -218,8 +258,23 @@ class DeviceConnection(asyncio.Protocol):
         self.tls_done = True
         self.tls_deadline = 0
         self.listener.count("tls_handshakes")
+        self._read_client_certificate()
         self._start_session(self.listener.clock())
         return True
+
+    def _read_client_certificate(self) -> None:
+        """A gateway's connection: note which gateway (OpenSSL has verified the chain)."""
+        listener = self.listener
+        if listener.client_ca_pem is None:
+            return
+        der = self.ssl.getpeercert(binary_form=True)
+        if not der:
+            return  # a direct connection
+        try:
+            self.gateway_id = gateway_id_from_cert(der, listener.client_ca_pem)
+            listener.count("gateway_connections")
+        except GatewayCertError as exc:
+            self.gateway_problem = str(exc)
 
     def _read_plaintext(self) -> None:
         buffer = self.listener.read_view
@@ -335,8 +390,10 @@ class DeviceConnection(asyncio.Protocol):
             if self.session.state != core.HELLO_RECEIVED:
                 return  # the core refused the version and queued a Close
             self.device_id = event.message.device_id
-            self.nonce = os.urandom(NONCE_SIZE)
-            self._write(self.session.challenge(self.nonce, self.listener.hub_id, now))
+            if self.gateway_id is not None or self.gateway_problem is not None:
+                self._check_route_then_challenge()
+            else:
+                self._challenge(now)
         elif kind is core.AuthResponseReceived:
             self._start_verification(event.message.token, now)
         elif kind is core.SessionClosed:
@@ -347,6 +404,43 @@ class DeviceConnection(asyncio.Protocol):
                 log.info("closed %s (%s): %s", self.device_id or "unverified device", self.ip,
                          reason_name(event.reason))
         # PongReceived needs nothing: hearing from the device already moved its idle deadline.
+
+    def _challenge(self, now: int) -> None:
+        self.nonce = os.urandom(NONCE_SIZE)
+        self._write(self.session.challenge(self.nonce, self.listener.hub_id, now))
+
+    def _check_route_then_challenge(self) -> None:
+        """A relayed Hello: may this gateway carry this board? Checked before any challenge."""
+        listener = self.listener
+        future = self.loop.run_in_executor(listener.verify_executor, listener.check_route,
+                                           self.device_id, self.gateway_id, self.gateway_problem)
+        future.add_done_callback(self._route_checked)
+
+    def _route_checked(self, future: asyncio.Future) -> None:
+        if future.cancelled():
+            self.close(CLOSE_SHUTTING_DOWN, "hub shutting down")
+            return
+        if self.closing or self.session is None or self.session.state != core.HELLO_RECEIVED:
+            future.exception()  # retrieved, so asyncio does not warn about it
+            return
+        try:
+            refusal = future.result()
+        except Exception:  # noqa: BLE001 - store failure
+            log.exception("checking the path of device %s failed", self.device_id)
+            self.close(CLOSE_INTERNAL_ERROR, "verification failed", STORE_RETRY_AFTER_MS)
+            return
+        if refusal is not None:
+            self._refuse_route(refusal)
+            return
+        now = self.listener.clock()
+        self._challenge(now)
+        self._arm(now)
+
+    def _refuse_route(self, cause: str) -> None:
+        self.listener.count("route_refusals")
+        log.info("refused device %s from %s%s: %s", self.device_id, self.ip,
+                 " via gateway %s" % self.gateway_id if self.gateway_id else "", cause)
+        self.close(CLOSE_NOT_AUTHORISED, NOT_AUTHORISED_DETAIL)
 
     def _send(self, message: m.Message) -> bool:
         session = self.session
@@ -406,8 +500,9 @@ class DeviceConnection(asyncio.Protocol):
         listener = self.listener
         nonce, self.nonce = self.nonce, None
         self.devices_version = listener.devices_version
-        future = self.loop.run_in_executor(listener.verify_executor, listener.verifier.verify,
-                                           self.device_id, token, nonce, now)
+        future = self.loop.run_in_executor(listener.verify_executor, listener.verify_session,
+                                           self.device_id, token, nonce, now, self.gateway_id,
+                                           self.gateway_problem)
         future.add_done_callback(self._verified)
 
     def _verified(self, future: asyncio.Future) -> None:
@@ -421,6 +516,9 @@ class DeviceConnection(asyncio.Protocol):
         now = listener.clock()
         try:
             future.result()  # the Device record: nothing more is needed from it
+        except RouteRefused as exc:
+            self._refuse_route(exc.cause)
+            return
         except VerificationError as exc:
             listener.count("auth_failures")
             log.info("refused device %s from %s: %s", self.device_id, self.ip, exc.cause)
@@ -637,11 +735,15 @@ class DeviceListener:
 
     def __init__(self, hub_id: str, store: Store, live: LiveSessions,
                  tls_context: Optional[ssl.SSLContext], limits: Optional[ListenerLimits] = None,
-                 clock: Callable[[], int] = wall_clock_ms) -> None:
+                 clock: Callable[[], int] = wall_clock_ms,
+                 client_ca_pem: Optional[bytes] = None) -> None:
         self.hub_id = hub_id
         self.store = store
         self.live = live
         self.tls_context = tls_context
+        self.client_ca_pem: Optional[bytes] = None
+        if client_ca_pem is not None:
+            self.accept_gateways(client_ca_pem)
         self.limits = limits or ListenerLimits()
         self.clock = clock
         self.gate = ConnectionGate(self.limits)
@@ -730,6 +832,14 @@ class DeviceListener:
         await self.loop.run_in_executor(None, self.writer_executor.shutdown, True)
         self.verify_executor.shutdown(wait=False, cancel_futures=True)
 
+    def accept_gateways(self, ca_pem: bytes) -> None:
+        """Ask for gateway client certificates from the hub CA ``ca_pem`` (from now on: call it
+        before devices connect). Without TLS there are no certificates, and no gateways."""
+        if self.tls_context is None:
+            return
+        enable_gateway_client_certs(self.tls_context, ca_pem)
+        self.client_ca_pem = ca_pem
+
     def count(self, name: str) -> None:
         """Add one to the counter ``name`` (see ``stats``)."""
         self.stats[name] = self.stats.get(name, 0) + 1
@@ -746,6 +856,21 @@ class DeviceListener:
         future = self.loop.run_in_executor(self.writer_executor, fn, *args)
         future.add_done_callback(_log_failure)
         return future
+
+    def check_route(self, device_id: str, gateway_id: Optional[str],
+                    gateway_problem: Optional[str]) -> Optional[str]:
+        """Worker thread: why this relayed Hello is refused, or None."""
+        return route_refusal(self.store, self.store.get_device(device_id), gateway_id,
+                             gateway_problem)
+
+    def verify_session(self, device_id: str, token: str, nonce: Optional[bytes], now: int,
+                       gateway_id: Optional[str], gateway_problem: Optional[str]) -> Device:
+        """Worker thread: verify the device's JWT, then its path (``RouteRefused``)."""
+        device = self.verifier.verify(device_id, token, nonce, now)
+        refusal = route_refusal(self.store, device, gateway_id, gateway_problem)
+        if refusal is not None:
+            raise RouteRefused(refusal)
+        return device
 
     def fetch_pending(self, device_id: str, now: int) -> tuple:
         """Writer thread: the device's state and its queued commands (expiring stale ones)."""
@@ -787,10 +912,15 @@ class DeviceListener:
                                                  connection.last_touch_ms))
 
     def recheck(self, connection: DeviceConnection) -> None:
-        """Look up one session's device again (disabled or removed meanwhile?)."""
-        future = self.loop.run_in_executor(self.verify_executor, self.store.get_device,
-                                           connection.device_id)
+        """Look up one session's device (and gateway) again: disabled, removed or moved?"""
+        future = self.loop.run_in_executor(self.verify_executor, self._records_of, connection)
         future.add_done_callback(functools.partial(self._rechecked, connection))
+
+    def _records_of(self, connection: DeviceConnection) -> tuple:
+        """Worker thread: the device's record and its connection's gateway's."""
+        gateway = (self.store.get_device(connection.gateway_id)
+                   if connection.gateway_id is not None else None)
+        return self.store.get_device(connection.device_id), gateway
 
     def _rechecked(self, connection: DeviceConnection, future: asyncio.Future) -> None:
         if future.cancelled():
@@ -799,9 +929,10 @@ class DeviceListener:
             log.warning("rechecking device %s failed: %s", connection.device_id,
                         future.exception())
             return
-        self._kick_if_gone(connection, future.result())
+        self._kick_if_gone(connection, *future.result())
 
-    def _kick_if_gone(self, connection: DeviceConnection, device: Any) -> None:
+    def _kick_if_gone(self, connection: DeviceConnection, device: Any,
+                      gateway: Any = None) -> None:
         if connection.closing:
             return
         if device is None:
@@ -810,6 +941,15 @@ class DeviceListener:
         elif not device.enabled:
             log.info("device %s was disabled: closing its session", connection.device_id)
             connection.close(CLOSE_DEVICE_DISABLED, "device disabled")
+        else:
+            refusal = None
+            if connection.gateway_id is not None:
+                refusal = gateway_refusal(connection.gateway_id, gateway)
+            refusal = refusal or relay_refusal(device, connection.gateway_id)
+            if refusal is not None:
+                log.info("device %s may no longer use its path (%s): closing its session",
+                         connection.device_id, refusal)
+                connection.close(CLOSE_NOT_AUTHORISED, NOT_AUTHORISED_DETAIL)
 
     # -- housekeeping ---------------------------------------------------------------------
 
@@ -843,7 +983,9 @@ class DeviceListener:
         by_id = {device.id: device for device in devices}
         for connection in list(self.connections):
             if connection.verified:
-                self._kick_if_gone(connection, by_id.get(connection.device_id))
+                self._kick_if_gone(connection, by_id.get(connection.device_id),
+                                   by_id.get(connection.gateway_id)
+                                   if connection.gateway_id is not None else None)
 
     def touch(self, device_id: str, last_seen_ms: int) -> None:
         """Note when a device was last seen; written with the next flush (at most every

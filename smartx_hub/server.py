@@ -88,9 +88,12 @@ class HubServer:
         self.limits = limits_for(ctx, limits)
         self.clock = clock
         self.live = LiveSessions()
+        # The hub CA also signs gateways' client certificates: the device port asks for one
+        # (without requiring it) so a gateway can relay for the boards assigned to it.
         self.listener = DeviceListener(ctx.hub_id, ctx.store, self.live,
                                        None if insecure_dev else ctx.device_tls_context(),
-                                       self.limits, clock)
+                                       self.limits, clock,
+                                       client_ca_pem=None if insecure_dev else ctx.ca_cert_pem)
         self._serve_api = api
         self._api_server: Any = None
         self._api_task: Optional[asyncio.Task] = None
