@@ -50,7 +50,7 @@ RESULTS_DIR = os.path.join(ROOT, "bench-results")
 MP_RUNNER = os.path.join(ROOT, "tests", "micropython", "run.mjs")
 MP_PACKAGE = os.path.join(ROOT, "node_modules", "@micropython",
                           "micropython-webassembly-pyscript", "micropython.mjs")
-MP_CORE = ["smartx_device/_compat.py", "smartx_device/errors.py", "smartx_device/reasons.py",
+MP_CORE = ["smartx_device/_compat.py", "smartx_device/_utf8.py", "smartx_device/errors.py", "smartx_device/reasons.py",
            "smartx_device/cbor.py", "smartx_device/framing.py", "smartx_device/messages.py",
            "smartx_device/session.py"]
 MP_SDK = MP_CORE + ["smartx_device/jwt.py", "smartx_device/queue.py",

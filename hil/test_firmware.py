@@ -19,7 +19,7 @@ RUNNER = ROOT / "tests" / "micropython" / "run.mjs"
 PACKAGE = ROOT / "node_modules" / "@micropython" / "micropython-webassembly-pyscript"
 # The SDK as a board imports it (docs/device-sdk.md, "MicroPython"), and the firmware.
 BOARD_FILES = ["smartx_device/%s.py" % name for name in (
-    "__init__", "_compat", "errors", "reasons", "cbor", "framing", "messages", "session", "jwt",
+    "__init__", "_compat", "_utf8", "errors", "reasons", "cbor", "framing", "messages", "session", "jwt",
     "queue", "auth", "backoff", "client", "clock", "credentials", "transport")] + [
     "hil/firmware/main.py"]
 

@@ -40,7 +40,7 @@ def __getattr__(name):
     """Import a public name's module the first time the name is used."""
     module = _LAZY.get(name)
     if module is None:
-        if name.startswith("_"):
+        if name.startswith("__"):
             raise AttributeError("module 'smartx_device' has no attribute '%s'" % name)
         # MicroPython asks this hook for ``from smartx_device import jwt`` before it looks for
         # a submodule: import it, and the import binds it here.

@@ -22,6 +22,7 @@ Invariants:
 
 import struct
 
+from smartx_device import _utf8
 from smartx_device._compat import const
 from smartx_device.errors import CBORDecodeError, CBOREncodeError, LocalProtocolError
 from smartx_device.reasons import CLOSE_MALFORMED
@@ -50,20 +51,9 @@ _NAN = float("nan")
 _F16_SUBNORMAL_STEP = struct.unpack(">f", b"\x33\x80\x00\x00")[0]
 
 
-def _strict_utf8_decode():
-    """True if this interpreter's UTF-8 decoder rejects overlong, surrogate and >U+10FFFF forms."""
-    for bad in (b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"):
-        try:
-            bad.decode("utf-8")
-        except UnicodeError:
-            continue
-        return False
-    return True
-
-
 # CPython's decoder is strict; MicroPython's only checks the lead/continuation structure,
-# so there every non-ASCII text string is checked by ``_utf8_valid`` as well.
-_STRICT_UTF8 = _strict_utf8_decode()
+# so there every non-ASCII text string is checked by ``_utf8.is_valid`` as well.
+_STRICT_UTF8 = _utf8.STRICT_DECODER
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,50 +262,6 @@ def _malformed(message):
     return CBORDecodeError(message, CLOSE_MALFORMED)
 
 
-def _utf8_valid(data, start, end):
-    """True if data[start:end] is well-formed UTF-8 (RFC 3629: no overlongs, surrogates, > U+10FFFF)."""
-    i = start
-    while i < end:
-        lead = data[i]
-        if lead < 0x80:
-            i += 1
-            continue
-        low = 0x80
-        high = 0xBF
-        if 0xC2 <= lead <= 0xDF:
-            need = 1
-        elif lead == 0xE0:
-            need = 2
-            low = 0xA0
-        elif lead == 0xED:
-            need = 2
-            high = 0x9F
-        elif 0xE1 <= lead <= 0xEF:
-            need = 2
-        elif lead == 0xF0:
-            need = 3
-            low = 0x90
-        elif 0xF1 <= lead <= 0xF3:
-            need = 3
-        elif lead == 0xF4:
-            need = 3
-            high = 0x8F
-        else:
-            return False
-        if i + need >= end:
-            return False
-        second = data[i + 1]
-        if second < low or second > high:
-            return False
-        k = 2
-        while k <= need:
-            if data[i + k] & 0xC0 != 0x80:
-                return False
-            k += 1
-        i += need + 1
-    return True
-
-
 def _half_to_float(half):
     """Return the float value of float16 bits (exact: every float16 is a float32)."""
     exponent = (half >> 10) & 0x1F
@@ -413,7 +359,7 @@ def _decode(data, pos, end, depth, limits):
             text = raw.decode("utf-8")
         except UnicodeError:
             raise _malformed("invalid UTF-8 in text string")
-        if not _STRICT_UTF8 and len(text) != argument and not _utf8_valid(raw, 0, argument):
+        if not _STRICT_UTF8 and len(text) != argument and not _utf8.is_valid(raw, 0, argument):
             raise _malformed("invalid UTF-8 in text string")
         return text, stop
     if major == 5:

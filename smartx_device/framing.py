@@ -29,6 +29,7 @@ amortised O(n). MicroPython subset: only ``struct`` and ``binascii`` are importe
 import binascii
 import struct
 
+from smartx_device import _utf8
 from smartx_device._compat import const
 from smartx_device.errors import FramingError, FrameTooLargeError, LocalProtocolError
 from smartx_device.reasons import CLOSE_FRAME_TOO_LARGE, CLOSE_MALFORMED
@@ -303,66 +304,14 @@ def _all_printable(data):
     return True
 
 
-def _utf8_sequence_length(data, index, size):
-    """At a non-ASCII byte: return (length, True) of the valid UTF-8 sequence there, or
-    (length of its maximal invalid prefix, False), as Unicode's U+FFFD substitution counts.
-    """
-    # The same RFC 3629 table as smartx_device.cbor's validator (not imported: the core's
-    # modules depend only on _compat/errors/reasons).
-    lead = data[index]
-    low = 0x80
-    high = 0xBF
-    if 0xC2 <= lead <= 0xDF:
-        need = 1
-    elif lead == 0xE0:
-        need = 2
-        low = 0xA0
-    elif lead == 0xED:
-        need = 2
-        high = 0x9F
-    elif 0xE1 <= lead <= 0xEF:
-        need = 2
-    elif lead == 0xF0:
-        need = 3
-        low = 0x90
-    elif 0xF1 <= lead <= 0xF3:
-        need = 3
-    elif lead == 0xF4:
-        need = 3
-        high = 0x8F
-    else:
-        return 1, False
-    position = index + 1
-    if position >= size or not low <= data[position] <= high:
-        return 1, False
-    position += 1
-    while position <= index + need:
-        if position >= size or data[position] & 0xC0 != 0x80:
-            return position - index, False
-        position += 1
-    return need + 1, True
-
-
 def _utf8_valid(data):
     """True if ``data`` (bytes) is well-formed UTF-8 (RFC 3629), on either interpreter."""
     try:
         text = data.decode("utf-8")
     except UnicodeError:
         return False
-    if _STRICT_UTF8 or len(text) == len(data):
-        return True
     # MicroPython accepts overlongs, surrogates and > U+10FFFF: check those by hand.
-    size = len(data)
-    index = 0
-    while index < size:
-        if data[index] < 0x80:
-            index += 1
-            continue
-        length, valid = _utf8_sequence_length(data, index, size)
-        if not valid:
-            return False
-        index += length
-    return True
+    return _STRICT_UTF8 or len(text) == len(data) or _utf8.is_valid(data)
 
 
 def _is_text(data):
@@ -386,38 +335,7 @@ def _text_boundary(data):
     return end
 
 
-def _decode_utf8_replacing(data):
-    """Decode UTF-8 by hand, each maximal invalid subpart becoming U+FFFD (CPython's 'replace')."""
-    parts = []
-    size = len(data)
-    run_start = 0
-    index = 0
-    while index < size:
-        if data[index] < 0x80:
-            index += 1
-            continue
-        length, valid = _utf8_sequence_length(data, index, size)
-        if not valid:
-            parts.append(data[run_start:index].decode("utf-8"))
-            parts.append("\ufffd")
-            run_start = index + length
-        index += length
-    parts.append(data[run_start:size].decode("utf-8"))
-    return "".join(parts)
-
-
-def _strict_utf8_decode():
-    """True if this interpreter's UTF-8 decoder rejects overlong, surrogate and >U+10FFFF forms."""
-    for bad in (b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"):
-        try:
-            bad.decode("utf-8")
-        except UnicodeError:
-            continue
-        return False
-    return True
-
-
-_STRICT_UTF8 = _strict_utf8_decode()
+_STRICT_UTF8 = _utf8.STRICT_DECODER
 
 
 def _replace_supported():
@@ -435,7 +353,7 @@ def _text_of(data):
     """Return ``data`` decoded as UTF-8 with invalid bytes replaced by U+FFFD."""
     if _HAS_REPLACE:
         return data.decode("utf-8", "replace")
-    return _decode_utf8_replacing(data)
+    return _utf8.decode_replacing(data)
 
 
 class ConsoleText:

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from smartx_device import _utf8
 from smartx_device import cbor
 from smartx_device.cbor import DEPTH_CEILING, MAX_DEPTH, MAX_ITEMS, dumps, loads
 from smartx_device.errors import (
@@ -414,7 +415,7 @@ def test_hand_utf8_validator_matches_cpython(raw):
         valid = True
     except UnicodeDecodeError:
         valid = False
-    assert cbor._utf8_valid(raw, 0, len(raw)) is valid
+    assert _utf8.is_valid(raw, 0, len(raw)) is valid
 
 
 @given(st.text(max_size=30))

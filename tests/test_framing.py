@@ -12,6 +12,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from smartx_device import _utf8
 from smartx_device import framing
 from smartx_device.errors import (
     FramingError,
@@ -464,7 +465,7 @@ def test_console_text_replaces_invalid_utf8():
 @example(b"\xf4\x90\x80\x80")
 def test_hand_utf8_replacement_matches_cpython(raw):
     # MicroPython ignores errors="replace"; the hand decoder must give CPython's answer.
-    assert framing._decode_utf8_replacing(raw) == raw.decode("utf-8", "replace")
+    assert _utf8.decode_replacing(raw) == raw.decode("utf-8", "replace")
 
 
 @pytest.mark.parametrize("chunk", [b"caf\xe9\n", b"\xff\xfe", b"ok\xed\xa0\x80", b"a\xc0\x80",

@@ -29,6 +29,8 @@ def test_unknown_names_raise_attribute_error():
         smartx_device.NoSuchThing  # noqa: B018
     with pytest.raises(AttributeError):
         smartx_device._private  # noqa: B018
+    with pytest.raises(AttributeError):
+        smartx_device.__wrapped__  # noqa: B018
 
 
 def test_submodules_import_by_from():
