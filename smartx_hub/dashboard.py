@@ -143,13 +143,18 @@ def _login_page(error: str = "", status: int = 200,
     return response
 
 
-def _page(request: Request, template: str, **values: str) -> Response:
+def _page(request: Request, template: str, title: str, device_id: str = "") -> Response:
+    """A signed-in page: ``layout.html`` (head, navigation, logout) around the page's body."""
     api = get_api(request)
     session = api.sessions.get(request.cookies.get(SESSION_COOKIE), api.clock())
     user = api.store.get_user(session.user_id) if session is not None else None
     if session is None or user is None:
         return RedirectResponse("/login", status_code=303)
-    return HTMLResponse(render(template, csrf=session.csrf, username=user.username, **values))
+    common = {"csrf": session.csrf, "username": user.username, "device_id": device_id}
+    body = render(template, **common)
+    layout = render("layout.html", title=title, page=template[:-len(".html")], **common)
+    # The body's own placeholders are filled (and escaped) above; it is template text.
+    return HTMLResponse(layout.replace("{{content}}", body))
 
 
 def install(app: FastAPI) -> None:
@@ -159,19 +164,19 @@ def install(app: FastAPI) -> None:
 
     @app.get("/", include_in_schema=False)
     def devices_page(request: Request) -> Response:
-        return _page(request, "devices.html")
+        return _page(request, "devices.html", "Devices")
 
     @app.get("/devices/{device_id}", include_in_schema=False)
     def device_page(request: Request, device_id: str) -> Response:
-        return _page(request, "device.html", device_id=device_id[:64])
+        return _page(request, "device.html", "Device", device_id=device_id[:64])
 
     @app.get("/tokens", include_in_schema=False)
     def tokens_page(request: Request) -> Response:
-        return _page(request, "tokens.html")
+        return _page(request, "tokens.html", "API tokens")
 
     @app.get("/audit", include_in_schema=False)
     def audit_page(request: Request) -> Response:
-        return _page(request, "audit.html")
+        return _page(request, "audit.html", "Audit log")
 
     @app.get("/login", include_in_schema=False)
     def login_form(request: Request) -> Response:
