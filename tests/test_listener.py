@@ -617,3 +617,119 @@ def test_a_device_that_floods_batches_is_paused_not_dropped(start_hub):
             device.wait_for(lambda e, i=msg_id: acked(e, i), timeout=10)
     assert len(ctx.store.query_telemetry(creds.device_id, limit=1000)) == 100
     assert hub.listener.stats.get("backpressure_pauses", 0) >= 1
+
+
+class _CountingTransport:
+    """Wraps a connection's transport to count ``write`` calls (everything else passes)."""
+
+    def __init__(self, transport):
+        self._transport = transport
+        self.writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        self._transport.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+def test_acks_of_one_commit_go_out_in_one_write(start_hub):
+    """Ten batches committed together: their ten Acks leave in one TLS write, in order, and
+    each only after the commit (the store holds all ten when the first Ack is read)."""
+    ctx, hub = start_hub(ingest_max_delay_ms=500)
+    creds = enrol(ctx.store, "coalesce", "hs256")
+    other = load_hub(ctx.data_dir)
+    try:
+        with connect_device(hub.device_port, ctx.ca_cert_pem, creds) as device:
+            connection = wait_until(lambda: next(
+                (c for c in list(hub.listener.connections) if c.device_id == creds.device_id
+                 and c.verified), None))
+            counting = _CountingTransport(connection.transport)
+            connection.transport = counting  # the loop is idle: the session is quiet
+            commits = hub.listener.ingest.commits
+            device.write(b"".join(device.session.send(m.Telemetry(msg_id=i, readings=[["t", i, i]]))
+                                  for i in range(1, 11)))
+            ack_ids = [device.wait_for(lambda e: acked(e, 1), timeout=10).message.msg_id]
+            assert len(other.store.query_telemetry(creds.device_id, limit=100)) == 10
+            device.wait_for(lambda e: acked(e, 10), timeout=10)
+            ack_ids += [e.message.msg_id for e in device.events
+                        if isinstance(e, core.MessageReceived) and isinstance(e.message, m.Ack)]
+            ack_ids.append(10)
+            assert ack_ids == list(range(1, 11))
+            assert hub.listener.ingest.commits == commits + 1
+            assert counting.writes == 1
+    finally:
+        other.close()
+
+
+def _committer_scenario(tmp_path, max_delay_ms, body):
+    import asyncio
+    import concurrent.futures
+
+    from smartx_hub.ingest import IngestCommitter
+
+    ctx = make_hub(tmp_path)
+    device = enrol(ctx.store, "timing", "hs256").device_id
+    writer = concurrent.futures.ThreadPoolExecutor(1)
+
+    async def scenario():
+        committer = IngestCommitter(ctx.store, writer, max_delay_ms=max_delay_ms)
+        return await body(committer, device)
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        writer.shutdown()
+        ctx.close()
+
+
+def test_ingest_submit_right_after_a_commit_starts_within_one_loop_turn(tmp_path):
+    """A device answering its Ack is busy: its next batch must not wait the (here 60 s) delay."""
+    import asyncio
+
+    from smartx_hub.store import TelemetryBatch
+
+    async def body(committer, device):
+        now = int(time.time() * 1000)
+        first = committer.submit(TelemetryBatch(device, 1, [["t", 1, 1]], now))
+        await asyncio.sleep(0)
+        assert committer.pending == 1  # idle committer: waits for company
+        await asyncio.wait_for(committer.flush(), 10)
+        assert first.result() is True
+        started = asyncio.get_running_loop().time()
+        second = committer.submit(TelemetryBatch(device, 2, [["t", 2, 2]], now))
+        third = committer.submit(TelemetryBatch(device, 3, [["t", 3, 3]], now))  # same turn
+        assert committer.pending == 2
+        await asyncio.sleep(0)  # one loop turn
+        assert committer.pending == 0  # the commit has started, with both batches
+        results = await asyncio.wait_for(asyncio.gather(second, third), 10)
+        return results, asyncio.get_running_loop().time() - started, committer.commits
+
+    results, elapsed, commits = _committer_scenario(tmp_path, 60_000, body)
+    assert results == [True, True] and commits == 2
+    assert elapsed < 10  # not the 60 s delay
+
+
+def test_ingest_submit_after_a_quiet_spell_waits_the_full_delay(tmp_path):
+    import asyncio
+
+    from smartx_hub.store import TelemetryBatch
+
+    delay_s = 0.25
+
+    async def body(committer, device):
+        now = int(time.time() * 1000)
+        await asyncio.wait_for(committer.submit(TelemetryBatch(device, 1, [["t", 1, 1]], now)), 10)
+        await asyncio.sleep(delay_s * 1.5)  # quiet for longer than the delay
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        late = committer.submit(TelemetryBatch(device, 2, [["t", 2, 2]], now))
+        await asyncio.sleep(delay_s / 2)
+        waiting = committer.pending  # still waiting for company half-way through
+        await asyncio.wait_for(late, 10)
+        return waiting, loop.time() - started
+
+    waiting, elapsed = _committer_scenario(tmp_path, int(delay_s * 1000), body)
+    assert waiting == 1
+    assert elapsed >= delay_s - 0.01  # asyncio may fire a timer up to its clock resolution early

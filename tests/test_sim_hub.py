@@ -65,8 +65,11 @@ def test_a_power_cycle_with_readings_queued_on_flash_loses_none(tmp_path):
         stats = board.stats()
         on_flash = stats.queue_depth  # published after the last ack: still on the flash
         values = sorted(r.value for r in stored_readings(data, device_id))
-        assert values == list(range(1, stats.published - on_flash + 1))  # none lost, none twice
-        assert stats.acknowledged == len(values)
+        # None lost, none twice: every acknowledged reading is stored; a reading still on the
+        # flash may be stored too (committed, its Ack not yet back when the board stopped).
+        assert values == list(range(1, len(values) + 1))
+        assert stats.published - on_flash <= len(values) <= stats.published
+        assert stats.acknowledged <= len(values)
     finally:
         board.close()
         hub.stop()

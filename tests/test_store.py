@@ -300,7 +300,11 @@ def test_migration_from_schema_1(tmp_path, master, monkeypatch):
     monkeypatch.undo()
 
     s = open_store(tmp_path / "hub.db", master)
-    assert s.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
+    assert s.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
+    indexes = {r[0] for r in s._conn.execute(
+        "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='readings'")
+        if not r[0].startswith("sqlite_")}
+    assert indexes == {"readings_by_time", "readings_by_stream"}  # version 3 dropped by_batch
     device = s.get_device("dev_aaaaaaaaaaaaaaaa")
     assert (device.name, device.public_key_pem, device.last_seen_ms, device.kind,
             device.gateway_id) == ("old", PEM, 6, "device", None)
@@ -731,3 +735,74 @@ def test_failed_rotation_changes_nothing(tmp_path, master):
     s = open_store(tmp_path / "hub.db", master)  # the old key still opens everything
     assert s.get_device(dev.id).secret == b"x" * 32
     s.close()
+
+
+# -- query plans and the additional data of readings ---------------------------------------
+
+
+def plan(conn, sql, params=()):
+    return " / ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
+def test_every_readings_statement_is_served_by_an_index(store, tmp_path):
+    """Every statement the store runs on readings (captured as run) searches an index: none
+    scans the table or sorts it for ORDER BY; and the cascade of remove_device finds one too."""
+    a, b = add_es(store, "a"), add_es(store, "b")
+    store.add_telemetry([batch(dev.id, m, [("t", m * 10 + i, i) for i in range(3)] +
+                               [("h", m * 10, 1)]) for dev in (a, b) for m in range(1, 40)])
+    seen = []
+    store._conn.set_trace_callback(seen.append)
+    try:
+        store.add_telemetry([batch(a.id, 99, [("t", 5, 1)])])
+        first = store.query_telemetry(a.id, limit=5)
+        store.query_telemetry(a.id, limit=5, before_seq=first[-1].seq)
+        store.query_telemetry(a.id, since_ms=100, until_ms=200, limit=5)
+        store.query_telemetry(a.id, stream="t", limit=5)
+        store.query_telemetry(a.id, stream="h", since_ms=100, limit=5, before_seq=first[-1].seq)
+        store.remove_device(b.id)
+    finally:
+        store._conn.set_trace_callback(None)
+    statements = [sql for sql in seen if "readings" in sql and "telemetry_batches" not in sql
+                  and not sql.startswith("INSERT")]
+    assert len(statements) >= 8
+    conn = raw(tmp_path / "hub.db")
+    try:
+        for sql in statements:
+            text = plan(conn, sql)
+            assert "SCAN readings" not in text and "TEMP B-TREE" not in text, (sql, text)
+            assert re.search(r"SEARCH readings USING (COVERING )?INDEX readings_by_"
+                             r"|SEARCH readings USING INTEGER PRIMARY KEY", text), (sql, text)
+        # What the ON DELETE CASCADE from telemetry_batches looks up, once per batch.
+        text = plan(conn, "SELECT 1 FROM readings WHERE device_id=? AND msg_id=?", (a.id, 1))
+        assert "SEARCH readings USING" in text and "(device_id=?" in text, text
+        stream_plan = plan(conn, "SELECT * FROM readings WHERE device_id=? AND stream=?"
+                                 " ORDER BY ts_ms DESC, seq DESC LIMIT 5", (a.id, "t"))
+        assert "readings_by_stream" in stream_plan
+    finally:
+        conn.close()
+    assert store.query_telemetry(b.id) == [] and len(store.query_telemetry(a.id, limit=999)) == 157
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(readings=st.lists(st.tuples(
+           st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+           | st.sampled_from(["%", "|", "%7C", "a|b", "%25|"]),
+           st.integers(-2**63, 2**63 - 1), st.integers(-5, 5) | st.text(max_size=5)),
+       min_size=1, max_size=5),
+       msg_id=st.integers(0, 2**63 - 1))
+def test_reading_values_are_sealed_with_the_build_aad_binding(store, readings, msg_id):
+    """The batch sealing path builds exactly ``build_aad(...)`` as additional data: a value
+    opens with the keyring and the documented binding (the on-disk format is unchanged)."""
+    from smartx_hub.crypto import build_aad
+    dev = store.get_device_by_name("aad") or add_es(store, "aad")
+    if not store.add_telemetry([batch(dev.id, msg_id, readings)])[0]:
+        return  # hypothesis repeated a msg_id: stored once already
+    rows = store._conn.execute("SELECT idx, stream, ts_ms, value FROM readings WHERE device_id=?"
+                               " AND msg_id=? ORDER BY idx", (dev.id, msg_id)).fetchall()
+    assert len(rows) == len(readings)
+    for (idx, stream, ts_ms, value), reading in zip(rows, readings):
+        assert (stream, ts_ms) == reading[:2]
+        aad = build_aad("readings", dev.id, msg_id, idx, stream, ts_ms, "value")
+        assert store._open_value("telemetry", value, "readings", dev.id, msg_id, idx, stream,
+                                 ts_ms, "value") == reading[2]
+        assert store._keyring.open("telemetry", value, aad)
