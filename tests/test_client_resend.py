@@ -200,7 +200,7 @@ def test_resends_also_work_under_micropython(tmp_path):
     assert node and runner.is_file() and package.is_dir(), "node and `npm install` are needed"
     script = tmp_path / "resend.py"
     script.write_text(MICROPYTHON_RESEND)
-    modules = ["_compat", "errors", "reasons", "cbor", "framing", "messages", "session", "jwt",
+    modules = ["_compat", "_utf8", "errors", "reasons", "cbor", "framing", "messages", "session", "jwt",
                "queue", "__init__", "auth", "backoff", "client", "clock", "credentials",
                "transport"]
     command = [node, str(runner), "--module-dir", str(ROOT), "--script", str(script),
