@@ -424,7 +424,9 @@ def test_verified_but_silent_device_is_cut_at_the_idle_timeout(start_hub):
         started = time.monotonic()
         closed = device.wait_for(lambda e: isinstance(e, core.SessionClosed), timeout=4)
         assert closed.reason == CLOSE_KEEPALIVE_TIMEOUT
-        assert 1.5 < time.monotonic() - started < 3.5  # two keep-alive intervals
+        # Not before two keep-alive intervals (less scheduling slack); wait_for's timeout
+        # bounds it from above, loosely, since the machine may be loaded.
+        assert time.monotonic() - started > 1.5
 
 
 def test_per_ip_connection_cap(start_hub):
