@@ -6,7 +6,7 @@ Public API (docs/simulator.md):
   ``os`` and SDK copy; ``start``, ``reset``, ``power_cycle``, ``stop``, ``close``, ``stats``,
   ``console.expect``, ``pin``, ``drive_pin``, ``uart``, ``flash``, ``clock``, ``serial_path``.
 - ``BoardClock``: board time (``advance``, ``skew``); ``ticks_add``, ``ticks_diff``.
-- ``Console``/``ConsoleTimeout``; ``Flash``; ``Sensor`` (scripted or seeded ADC values).
+- ``Console``/``ConsoleOutput``/``ConsoleTimeout``; ``Flash``; ``Sensor`` (scripted or seeded ADC values).
 - ``SerialLink``: a board's UART on a pseudo-terminal; ``SerialBridge``: one serial board relayed
   to the hub over TLS; ``FaultProxy``: the TCP path with faults.
 - ``FaultPlan`` (seeded drop, corrupt, truncate, duplicate, delay, disconnect, power_cycle,
@@ -19,7 +19,7 @@ This package imports ``smartx_device`` and never ``smartx_hub``.
 from firmware_sim.board import (BUNDLE_NAME, Board, BoardError, BoardStats)
 from firmware_sim.bridge import SerialBridge
 from firmware_sim.clock import TICKS_PERIOD, BoardClock, ticks_add, ticks_diff
-from firmware_sim.console import Console, ConsoleTimeout
+from firmware_sim.console import Console, ConsoleOutput, ConsoleTimeout
 from firmware_sim.faults import (FAULT_KINDS, FaultEvent, FaultPlan, FaultPlanError, FaultRule,
                                  LinkCounters)
 from firmware_sim.flash import Flash
@@ -32,7 +32,7 @@ from firmware_sim.serial_link import SerialLink
 
 __all__ = [
     "BUNDLE_NAME", "Board", "BoardClock", "BoardError", "BoardStats", "Console",
-    "ConsoleTimeout", "DEEPSLEEP_RESET", "EnrolmentError", "FAULT_KINDS", "FaultEvent",
+    "ConsoleOutput", "ConsoleTimeout", "DEEPSLEEP_RESET", "EnrolmentError", "FAULT_KINDS", "FaultEvent",
     "FaultPlan", "FaultPlanError", "FaultProxy", "FaultRule", "Flash", "Fleet", "FleetSummary",
     "HARD_RESET", "LinkCounters", "PWRON_RESET", "PinState", "SOFT_RESET", "Sensor",
     "SerialBridge", "SerialLink", "TICKS_PERIOD", "UARTChannel", "WDT_RESET", "board_names",

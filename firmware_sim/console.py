@@ -33,35 +33,37 @@ class ConsoleTimeout(AssertionError):
         self.text = text
 
 
-class Console:
-    """The board's console output (and input), with ``expect``."""
+class ConsoleOutput:
+    """Console text in order, thread-safe, with ``expect``, ``mark``/``since`` and sinks.
 
-    def __init__(self, name: str = "board", log_path: Optional[str] = None,
-                 max_chars: int = DEFAULT_MAX_CHARS) -> None:
+    Shared by the simulator's ``Console`` and the HIL harness's console of a real board: a
+    writer thread appends, test threads expect. ``mark``/``since`` positions stay absolute
+    when the oldest text is trimmed past ``max_chars``.
+    """
+
+    def __init__(self, name: str = "board", max_chars: int = DEFAULT_MAX_CHARS) -> None:
         self.name = name
         self.max_chars = max_chars
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # an RLock inside: subclasses may nest
         self._text = ""
         self._trimmed = 0  # characters dropped from the front of _text
         self._cursor = 0  # absolute position where the next expect searches from
         self._sinks: List[Callable[[str], None]] = []
-        self._input = ""
-        self._log = open(log_path, "a", encoding="utf-8") if log_path else None
         self.before = ""
-
-    # -- output ----------------------------------------------------------------------------
 
     def add_sink(self, sink: Callable[[str], None]) -> None:
         """Call ``sink(text)`` with everything written from now on."""
-        self._sinks.append(sink)
+        with self._cond:
+            self._sinks.append(sink)
 
     def remove_sink(self, sink: Callable[[str], None]) -> None:
         """Stop calling ``sink``."""
-        if sink in self._sinks:
-            self._sinks.remove(sink)
+        with self._cond:
+            if sink in self._sinks:
+                self._sinks.remove(sink)
 
     def write(self, text: str) -> None:
-        """Append ``text`` (the firmware's print goes here)."""
+        """Append ``text`` and hand it to every sink."""
         if not text:
             return
         with self._cond:
@@ -71,15 +73,17 @@ class Console:
                 self._text = self._text[excess:]
                 self._trimmed += excess
                 self._cursor = max(self._cursor, self._trimmed)
-            if self._log is not None:
-                self._log.write(text)
-                self._log.flush()
+            self._written(text)
+            sinks = list(self._sinks)
             self._cond.notify_all()
-        for sink in list(self._sinks):
+        for sink in sinks:
             try:
                 sink(text)
-            except Exception:  # a broken sink (closed link) must not break the firmware
+            except Exception:  # noqa: BLE001 - a broken sink (closed link, log) must not stop the writer
                 pass
+
+    def _written(self, text: str) -> None:
+        """Hook run under the lock for each write (the simulator's log file)."""
 
     @property
     def text(self) -> str:
@@ -97,14 +101,13 @@ class Console:
             return self._trimmed + len(self._text)
 
     def since(self, mark: int) -> str:
-        """Output written after ``mark``."""
+        """Output written after ``mark`` (what is still held of it)."""
         with self._cond:
             return self._text[max(0, mark - self._trimmed):]
 
-    # -- expect ----------------------------------------------------------------------------
-
     def expect(self, pattern: Union[str, Pattern[str]], timeout: float = 10.0) -> "re.Match[str]":
-        """Wait for ``pattern`` (regex) after the previous match; return the match object."""
+        """Wait for ``pattern`` (regex) after the previous match; return the match object and
+        leave the text skipped over in ``before``."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -120,10 +123,40 @@ class Console:
                     raise ConsoleTimeout(regex.pattern, timeout, self._text[start:])
                 self._cond.wait(remaining)
 
+    def wait_for_text(self, pattern: Union[str, Pattern[str]], since: int,
+                      timeout: float = 10.0) -> Optional["re.Match[str]"]:
+        """Like ``expect`` from ``since`` without moving the cursor; None on timeout."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                match = regex.search(self._text, max(0, since - self._trimmed))
+                if match is not None:
+                    return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+
     def skip_to_end(self) -> None:
         """Make the next ``expect`` look only at output written from now on."""
         with self._cond:
             self._cursor = self._trimmed + len(self._text)
+
+
+class Console(ConsoleOutput):
+    """A simulated board's console: output (with an optional log file) and input."""
+
+    def __init__(self, name: str = "board", log_path: Optional[str] = None,
+                 max_chars: int = DEFAULT_MAX_CHARS) -> None:
+        super().__init__(name, max_chars)
+        self._input = ""
+        self._log = open(log_path, "a", encoding="utf-8") if log_path else None
+
+    def _written(self, text: str) -> None:
+        if self._log is not None:
+            self._log.write(text)
+            self._log.flush()
 
     # -- input -----------------------------------------------------------------------------
 

@@ -17,10 +17,10 @@ Rules (docs/hil.md, "The board fixture"):
 from __future__ import annotations
 
 import re
-import threading
-import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Pattern, Union
+from typing import Pattern, Union
+
+from firmware_sim.console import ConsoleOutput, ConsoleTimeout
 
 #: Console text kept per board; the oldest goes first past this.
 DEFAULT_MAX_CHARS = 4_000_000
@@ -57,51 +57,23 @@ class Expected:
         return self.match.group(0)
 
 
-class ConsoleBuffer:
-    """One board's console output, thread-safe, with ``expect`` (see the module rules)."""
+class ConsoleBuffer(ConsoleOutput):
+    """One board's console output, thread-safe, with ``expect`` (see the module rules).
+
+    The buffer, trimming, marks and matching are the simulator's ``ConsoleOutput``; this adds
+    line-end normalisation and the harness's ``Expected``/``ExpectTimeout``.
+    """
 
     def __init__(self, name: str, max_chars: int = DEFAULT_MAX_CHARS) -> None:
-        self.name = name
-        self.max_chars = max_chars
-        self._cond = threading.Condition()
-        self._text = ""
-        self._trimmed = 0  # characters dropped from the front of _text
-        self._cursor = 0  # absolute position the next expect searches from
+        super().__init__(name, max_chars)
         self._pending_cr = False
-        self._sinks: List[Callable[[str], None]] = []
-
-    def add_sink(self, sink: Callable[[str], None]) -> None:
-        """Call ``sink(text)`` with everything fed from now on (a log file, an echo)."""
-        with self._cond:
-            self._sinks.append(sink)
-
-    def remove_sink(self, sink: Callable[[str], None]) -> None:
-        """Stop calling ``sink``."""
-        with self._cond:
-            if sink in self._sinks:
-                self._sinks.remove(sink)
 
     def feed(self, text: str) -> None:
         """Append console text (called by the port's reader thread)."""
         if not text:
             return
-        with self._cond:
-            text = self._normalise(text)
-            if not text:
-                return
-            self._text += text
-            excess = len(self._text) - self.max_chars
-            if excess > 0:
-                self._text = self._text[excess:]
-                self._trimmed += excess
-                self._cursor = max(self._cursor, self._trimmed)
-            sinks = list(self._sinks)
-            self._cond.notify_all()
-        for sink in sinks:
-            try:
-                sink(text)
-            except Exception:  # noqa: BLE001 - a broken log sink must not stop the reader
-                pass
+        with self._cond:  # reentrant: write() takes it again
+            self.write(self._normalise(text))
 
     def _normalise(self, text: str) -> str:
         # A CR at the end of one piece may be the first half of a CR LF split across reads.
@@ -113,55 +85,11 @@ class ConsoleBuffer:
             text = text[:-1]
         return text.replace("\r\n", "\n").replace("\r", "\n")
 
-    @property
-    def text(self) -> str:
-        """All the text still held."""
-        with self._cond:
-            return self._text
-
-    def mark(self) -> int:
-        """The current end of the console (an absolute position, for ``since``)."""
-        with self._cond:
-            return self._trimmed + len(self._text)
-
-    def since(self, mark: int) -> str:
-        """Text fed after ``mark`` (what is still held of it)."""
-        with self._cond:
-            return self._text[max(0, mark - self._trimmed):]
-
-    def skip_to_end(self) -> None:
-        """Make the next ``expect`` look only at text fed from now on."""
-        with self._cond:
-            self._cursor = self._trimmed + len(self._text)
-
     def expect(self, pattern: Union[str, Pattern[str]], timeout: float = 10.0) -> Expected:
         """Wait up to ``timeout`` s for ``pattern`` (a regex) after the cursor; return it."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                start = max(0, self._cursor - self._trimmed)
-                match = regex.search(self._text, start)
-                if match is not None:
-                    before = self._text[start:match.start()]
-                    self._cursor = self._trimmed + match.end()
-                    return Expected(match, before)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ExpectTimeout(self.name, regex.pattern, timeout, self._text[start:])
-                self._cond.wait(remaining)
-
-    def wait_for_text(self, pattern: Union[str, Pattern[str]], since: int,
-                      timeout: float = 10.0) -> Optional["re.Match[str]"]:
-        """Like ``expect`` from ``since`` without moving the cursor; None on timeout."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                match = regex.search(self._text, max(0, since - self._trimmed))
-                if match is not None:
-                    return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
+        with self._cond:  # so ``before`` belongs to this match
+            try:
+                match = super().expect(pattern, timeout)
+            except ConsoleTimeout as timed_out:
+                raise ExpectTimeout(self.name, timed_out.pattern, timeout, timed_out.text) from None
+            return Expected(match, self.before)
