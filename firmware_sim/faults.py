@@ -364,3 +364,18 @@ class LinkCounters:
     delayed = property(lambda self: self.total("delayed"))
     disconnects = property(lambda self: self.total("disconnects"))
     recovered = property(lambda self: self.total("recovered"))
+
+
+def link_fault(plan: Any, direction: str, frame: int,
+               counters: "LinkCounters") -> Optional[FaultEvent]:
+    """Decide ``frame``'s faults with ``plan`` (a FaultPlan, or anything with its ``decide``
+    and ``apply_board_fault``), carry out its board faults now (counted in ``counters``) and
+    return its link fault for the link to apply, or None. Both links use this."""
+    link_event: Optional[FaultEvent] = None
+    for event in plan.decide(direction, frame):
+        if event.kind in BOARD_FAULTS:
+            if plan.apply_board_fault(event):
+                counters.fault(event)
+        else:
+            link_event = event
+    return link_event

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from firmware_sim.faults import BOARD_FAULTS, FaultEvent, FaultPlan, LinkCounters, mutate
+from firmware_sim.faults import FaultPlan, LinkCounters, link_fault, mutate
 
 _READ_SIZE = 65536
 _IDLE_WAIT_S = 0.2
@@ -283,14 +283,8 @@ class FaultProxy:
     def _unit(self, connection: _Connection, direction: str, unit: bytes, start: int,
               end: int) -> None:
         number = self.counters.frame(direction)
-        events = self.faults.decide(direction, number) if self.faults is not None else []
-        link_event: Optional[FaultEvent] = None
-        for event in events:
-            if event.kind in BOARD_FAULTS:
-                if self.faults is not None and self.faults.apply_board_fault(event):
-                    self.counters.fault(event)
-            else:
-                link_event = event
+        link_event = (link_fault(self.faults, direction, number, self.counters)
+                      if self.faults is not None else None)
         if link_event is None:
             self._queue(connection, direction, unit, not connection.tainted, 0.0)
             return

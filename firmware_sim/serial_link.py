@@ -27,7 +27,7 @@ import time
 import tty
 from typing import Any, Deque, List, Optional, Tuple
 
-from firmware_sim.faults import BOARD_FAULTS, FaultEvent, FaultPlan, LinkCounters, mutate
+from firmware_sim.faults import FaultPlan, LinkCounters, link_fault, mutate
 
 #: A frame longer than this (bytes between delimiters) is passed on unsplit: no serial frame of
 #: the protocol is this long, so it is noise.
@@ -211,14 +211,8 @@ class SerialLink:
 
     def _unit(self, direction: str, unit: bytes) -> None:
         number = self.counters.frame(direction)
-        events = self.faults.decide(direction, number) if self.faults is not None else []
-        link_event: Optional[FaultEvent] = None
-        for event in events:
-            if event.kind in BOARD_FAULTS:
-                if self.faults is not None and self.faults.apply_board_fault(event):
-                    self.counters.fault(event)
-            else:
-                link_event = event
+        link_event = (link_fault(self.faults, direction, number, self.counters)
+                      if self.faults is not None else None)
         if link_event is None:
             self._send(direction, unit, intact=True)
             return

@@ -7,9 +7,11 @@ Nothing here fakes the hub: tests talk to a real listener over loopback TLS.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -266,3 +268,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         if time.monotonic() >= deadline:
             raise AssertionError("condition not met within %.1f s" % timeout)
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def https_server(app, ctx, **uvicorn_options):
+    """Serve ``app`` over HTTPS with the hub's certificate on an ephemeral loopback port, in
+    a thread; yield its base URL. Stops the server on exit."""
+    from smartx_hub.api import build_server
+
+    server = build_server(app, ctx, "127.0.0.1", 0, **uvicorn_options)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield "https://127.0.0.1:%d" % port
+    finally:
+        server.should_exit = True
+        thread.join(15)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
 import re
-import threading
 import time
 
 import httpx
@@ -30,12 +28,14 @@ from smartx_device.reasons import CLOSE_DEVICE_DISABLED, CLOSE_REVOKED
 from smartx_hub import passwords
 from hypothesis import given, strategies as st
 
-from smartx_hub.api import ApiError, build_server, create_app, decode_cursor, encode_cursor
+from smartx_hub.api import ApiError, create_app, decode_cursor, encode_cursor
 from smartx_hub.live import LiveSessions
 from smartx_hub.shield import load_rules
 from smartx_hub.state import init_hub
 from smartx_hub.store import TelemetryBatch
 from smartx_hub.tokens import SCOPES, TokenKeys, issue_token, seal_scope
+
+from hubtools import https_server
 
 NOW = 1_800_000_000_000
 PASSWORD = "correct horse battery staple"
@@ -128,8 +128,10 @@ def add_readings(hub, device_id, count, start_ts=NOW - 100_000, streams=("temp",
 ENDPOINTS = [
     ("GET", "/api/v1/devices", "devices:read", None),
     ("GET", "/api/v1/devices/{dev}", "devices:read", None),
-    ("POST", "/api/v1/devices/{dev}/disable", "devices:write", None),
-    ("POST", "/api/v1/devices/{dev}/enable", "devices:write", None),
+    # A fresh device to toggle: under xdist the cases of one worker run in any order, and a
+    # disabled dev1 would make the command case answer 409.
+    ("POST", "/api/v1/devices/{fresh_dev}/disable", "devices:write", None),
+    ("POST", "/api/v1/devices/{fresh_dev}/enable", "devices:write", None),
     ("DELETE", "/api/v1/devices/{fresh_dev}", "devices:write", None),
     ("GET", "/api/v1/devices/{dev}/telemetry", "telemetry:read", None),
     ("GET", "/api/v1/devices/{dev}/telemetry?format=csv", "telemetry:read", None),
@@ -755,23 +757,6 @@ def test_dashboard_pages_escape_and_need_login(hub):
 
 # -- secrecy through a real HTTPS server ------------------------------------------------------
 
-@contextlib.contextmanager
-def https_server(app, ctx):
-    server = build_server(app, ctx, "127.0.0.1", 0, access_log=True)
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield "https://127.0.0.1:%d" % port
-    finally:
-        server.should_exit = True
-        thread.join(15)
-
 
 def test_token_secret_over_real_https_nowhere_after_creation(tmp_path, caplog):
     # Certificates must be valid on the real clock: this hub is made "now".
@@ -785,7 +770,7 @@ def test_token_secret_over_real_https_nowhere_after_creation(tmp_path, caplog):
     app = create_app(hub, LiveSessions(), rules=load_rules(override=ROOMY))
     bootstrap, _ = new_token(hub, SCOPES, now=int(time.time() * 1000))
     bodies = []
-    with https_server(app, hub) as base, \
+    with https_server(app, hub, access_log=True) as base, \
             httpx.Client(base_url=base, verify=hub.client_tls_context(), timeout=10) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         r = c.post("/api/v1/tokens", headers=bearer(bootstrap),

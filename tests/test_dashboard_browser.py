@@ -10,10 +10,8 @@ httpx (200), revoke it in the page, see the API refuse it (401), see the chart d
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
-import threading
 import time
 
 import httpx
@@ -22,10 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from smartx_hub import passwords
-from smartx_hub.api import build_server, create_app
+from smartx_hub.api import create_app
 from smartx_hub.live import LiveSessions
 from smartx_hub.state import init_hub
 from smartx_hub.store import TelemetryBatch
+
+from hubtools import https_server
 
 CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "correct horse battery staple"
@@ -41,22 +41,6 @@ def spki_pin(cert_path: str) -> str:
     return base64.b64encode(hashlib.sha256(der).digest()).decode("ascii")
 
 
-@contextlib.contextmanager
-def https_server(app, ctx):
-    server = build_server(app, ctx, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, name="uvicorn-browser-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield "https://127.0.0.1:%d" % port
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def test_dashboard_token_lifecycle_and_chart(tmp_path):
