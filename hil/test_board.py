@@ -29,7 +29,7 @@ def test_verified_connection(board, hub, gateway):
     relay_sessions = board.relay.sessions
     board.reset()
     board.expect(BANNER, timeout=15)
-    board.expect(r"\bconnected\b", timeout=15)
+    board.expect(r"(?m)^connected$", timeout=15)  # not "not connected yet"
     assert hub.wait_online(board.device_id, 10)
     assert hub.stats()["sessions"] > sessions  # a new verified session, not the old one
     assert board.relay.sessions > relay_sessions  # ... carried by a new hub connection
@@ -98,6 +98,6 @@ def test_load_firmware_runs_the_new_script_and_its_traceback_is_seen(board, hub)
     finally:
         board.provision()
     board.expect(BANNER, timeout=15)
-    board.expect(r"\bconnected\b", timeout=15)
+    board.expect(r"(?m)^connected$", timeout=15)  # not "not connected yet"
     assert board.relay.sessions > sessions
     assert hub.wait_online(board.device_id, 5)

@@ -34,7 +34,7 @@ def test_offline_then_reconnect_loses_nothing(board, hub):
     assert offline["online"] == 0
     assert offline["pending"] >= 2, offline
     hub.start()
-    board.expect(r"\bconnected\b", timeout=15)
+    board.expect(r"(?m)^connected$", timeout=15)  # not "not connected yet"
     with board.paused() as mark:
         values = board.wait_all_stored(mark["boot"], mark["published"])
     assert_complete(values, mark["published"])
@@ -75,7 +75,7 @@ def test_reset_with_readings_queued_loses_none(board, hub):
     rebooted = board.expect(BANNER, timeout=15)
     assert int(rebooted.group(2)) == before["boot"] + 1
     hub.start()
-    board.expect(r"\bconnected\b", timeout=15)
+    board.expect(r"(?m)^connected$", timeout=15)  # not "not connected yet"
     # Readings published after the status query but before the cut count too: at least
     # before["published"], and a gap-free prefix of that boot, each once.
     deadline = time.monotonic() + 15
