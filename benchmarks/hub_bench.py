@@ -38,12 +38,15 @@ import tempfile
 import time
 from typing import Optional
 
+import cbor2
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (ROOT, Worker, cpu_seconds, free_port, median, raise_nofile,  # noqa: E402
                     rss_kb, set_asyncio_nodelay, worker_io)
 
 from smartx_device import messages as m  # noqa: E402
+from smartx_device.framing import StreamFramer  # noqa: E402
 from smartx_device import session as core  # noqa: E402
 from smartx_device.auth import Signer  # noqa: E402
 
@@ -142,6 +145,15 @@ async def run_handshakes(devices: list, port: int, context, duration: float,
     return {"count": done, "failures": failures, "seconds": time.monotonic() - started}
 
 
+_FRAMER = StreamFramer()
+
+
+def telemetry_frame(msg_id: int, readings: list) -> bytes:
+    """The stream frame of ``Telemetry(msg_id, readings)``, encoded by cbor2 (C)."""
+    payload = cbor2.dumps({0: m.TELEMETRY, 1: msg_id, 2: readings}, canonical=True)
+    return _FRAMER.encode(payload)
+
+
 async def run_readings(devices: list, duration: float, per_message: int, window: int) -> dict:
     """Every connected device pipelines Telemetry for ``duration`` s; acked readings counted
     when their Ack arrives. Returns the msg_id range each device used (all acked)."""
@@ -155,13 +167,22 @@ async def run_readings(devices: list, duration: float, per_message: int, window:
         stop_at = time.monotonic() + duration
         session = device.session
         write = device.writer.write
+        # The core encodes this Telemetry byte for byte as cbor2's C encoder does (canonical
+        # mode: the codec's documented invariant, checked here once per device), so the load
+        # generator uses cbor2, as the MQTT publishers use the C json encoder: a pure-Python
+        # encoder would spend on the shared cores what the hub should be measured with.
+        check = m.Telemetry(msg_id=device.next_id, readings=readings)
+        if telemetry_frame(device.next_id, readings) != StreamFramer().encode(
+                m.encode_message(check)):
+            raise RuntimeError("cbor2's canonical encoding differs from the core's")
         while True:
             sending = time.monotonic() < stop_at
             while sending and len(in_flight) < window:
                 stamp = now_ms()
                 for reading in readings:
                     reading[1] = stamp
-                write(session.send(m.Telemetry(msg_id=device.next_id, readings=readings), stamp))
+                write(telemetry_frame(device.next_id, readings))
+                session.last_sent_ms = stamp
                 in_flight.add(device.next_id)
                 device.next_id += 1
             if not in_flight:
@@ -336,7 +357,7 @@ class Hub:
         """Readings of the acked batches found in the hub's database (the hub is stopped).
 
         ``ranges`` are ``[device_id, first msg_id, last msg_id, readings per message]``.
-        Counted with SQL on the readings table (its values stay sealed); ``check_readable``
+        Counted with SQL on the telemetry table (a batch's readings stay sealed); ``check_readable``
         opens some through the store's own API."""
         connection = sqlite3.connect(os.path.join(self.data_dir, "hub.db"))
         try:
@@ -345,7 +366,8 @@ class Hub:
                 if last < first:
                     continue
                 total += connection.execute(
-                    "SELECT COUNT(*) FROM readings WHERE device_id=? AND msg_id BETWEEN ? AND ?",
+                    "SELECT COALESCE(SUM(reading_count), 0) FROM telemetry"
+                    " WHERE device_id=? AND msg_id BETWEEN ? AND ?",
                     (device_id, first, last)).fetchone()[0]
             return total
         finally:

@@ -8,11 +8,36 @@ Rules:
   commit. The price is one fsync per transaction, which is why ``add_telemetry`` takes many
   batches (from many sessions) and commits them together.
 - Sealed columns (AES-256-GCM, smartx_hub/crypto.py), each bound by its additional data to
-  ``table|record id|...|column``: device secrets, user password hashes, reading values (CBOR
+  ``table|record id|...|column``: device secrets, user password hashes, telemetry batches (CBOR
   first), command args/results/errors, desired and reported state. Clear columns are what queries
   need: ids, names, stream names, timestamps, statuses, public keys, token hashes and scopes.
-  A reading's stream name and timestamp are also in its value's additional data, so they cannot be
-  altered unseen either.
+- Telemetry (schema version 4, ``_SCHEMA_V4``): one ``telemetry`` row per acknowledged batch,
+  its readings as ONE sealed blob: the CBOR array ``[stream, ts_ms, value, stream, ts_ms,
+  value, ...]`` of the batch's readings in order (flat: cbor2 encodes three items faster than
+  one nested array of them). One AES-GCM seal and one row per batch, not per reading: per
+  reading, that was the writer thread's cost at 16 readings a message. The blob's additional
+  data binds ``telemetry|device id|msg id|received_ms|reading count|first ts|last ts|readings``,
+  so a blob moved to another batch or device, or an edited count or time range of its row,
+  fails to open. Each reading's stream name and timestamp are inside the blob.
+- In the clear only what queries need, less than version 3 showed (every reading's stream and
+  time): per batch its reading count and first and last timestamp, per batch and stream name
+  in it that stream's first and last timestamp (``telemetry_ranges``), per device its widest
+  batch (``telemetry_spans``). These are an index, not the record: editing them can hide
+  readings from a query (as deleting rows can), not change one.
+- ``Reading.seq`` is ``batch id * SEQ_PER_BATCH + index in batch``. A batch id is the largest id
+  plus one, given under the write lock, so a later batch's readings sort after an earlier one's.
+  (An id comes free again only when the newest batches are deleted with their device; a cursor
+  is looked up with its device, so it cannot land on another device's reading.)
+  ``SEQ_PER_BATCH`` (1024) is four times the wire's ``MAX_READINGS``; ``add_telemetry`` refuses
+  a longer batch.
+- A query walks the device's batches newest first by (last ts, id), through
+  ``telemetry_by_time``, or with a stream by that stream's (last ts, id) through the key of
+  ``telemetry_ranges``; it opens each batch and keeps the best ``limit`` readings in a heap. It
+  stops at the first batch whose last ts and largest possible seq cannot beat the worst reading
+  kept: the newest page opens about ``limit / readings a batch`` batches, whatever the history.
+  Batches overlap in time (readings reach the hub out of order), so the walk under an upper
+  bound (``until_ms`` or a cursor) starts at the bound plus the device's widest batch: a batch
+  ending later cannot hold a reading at or before the bound.
 - ``meta["devices_version"]`` counts changes to the device registry (add, enable, disable,
   remove). A running hub polls it to notice changes made by the CLI in another process.
 - Schema version in ``meta["schema_version"]``; ``_MIGRATIONS[n]`` takes version n-1 to n.
@@ -20,24 +45,26 @@ Rules:
   a board is assigned to; a foreign key with no delete action, so a gateway with boards cannot
   be deleted). Assigning a board bumps ``devices_version`` too: a running hub re-checks the
   sessions a gateway relays. Version 3 drops ``readings_by_batch``, the one index of ``readings``
-  no query used (see ``_SCHEMA_V3``).
-- Indexes of ``readings`` (every row pays for each on insert): ``readings_by_time`` serves
-  ``query_telemetry`` without a stream, ``readings_by_stream`` with one, the primary key the
-  pagination cursor. ``remove_device`` deletes a device's readings through ``readings_by_time``
-  before the cascade from its batches runs, so each cascaded lookup finds an empty range
-  (tests/test_store.py checks these plans).
+  no query used (see ``_SCHEMA_V3``). Version 4 replaces ``readings`` and ``telemetry_batches``
+  by the batch tables above, re-sealing every stored batch (``_migrate_to_v4``).
+- ``remove_device`` deletes the device's ``telemetry_ranges`` rows itself (that table has no
+  foreign key: a key check per row on every insert would buy nothing the method does not do);
+  ``telemetry`` and ``telemetry_spans`` follow by ON DELETE CASCADE, each through an index
+  that starts with the device id. Every telemetry statement searches an index
+  (tests/test_store.py checks the plans).
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
 import json
 import os
 import secrets
 import sqlite3
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import cbor2
 
@@ -58,7 +85,7 @@ from smartx_hub.store import (
     User,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 AUTH_KINDS = ("es256", "eddsa", "hs256")
 MAX_NAME_LENGTH = 64
 MAX_QUERY_LIMIT = 10_000
@@ -177,8 +204,59 @@ _SCHEMA_V3 = """
 DROP INDEX IF EXISTS readings_by_batch;
 """
 
-#: ``_MIGRATIONS[n]`` upgrades a database at version n-1 to version n, inside the open transaction.
-#: Version 1 is the initial schema. Add a function for each later version; never edit a shipped one.
+#: Version 4: one row per Telemetry batch, its readings sealed as one blob (module rules).
+#: ``telemetry``: the batches, with the first and last ts of each; UNIQUE (device_id, msg_id)
+#: makes a repeated batch a no-op and serves the cascade from ``devices``. ``readings`` and the
+#: times are NULL for a batch of no readings (the store API allows one; the wire does not).
+#: ``telemetry_by_time`` orders a device's batches by (last ts, id): the walk of a query with no
+#: stream, one walk whatever the number of stream names a device uses (each name its own walk
+#: would let a device make its own queries, under the store's lock, as slow as it likes).
+#: ``telemetry_ranges``: per batch and stream name in it, that stream's first and last ts; its
+#: key is the walk of a query for one stream, so a rare stream's batches are found without
+#: opening the others. It has no foreign key: a key check per row on every insert would buy
+#: nothing ``remove_device`` does not do.
+#: ``telemetry_spans``: each device's widest batch (last ts - first ts, only ever raised): how far
+#: past an upper bound a batch can end and still hold readings at or before it.
+_SCHEMA_V4 = """
+CREATE TABLE telemetry (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    msg_id INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    reading_count INTEGER NOT NULL,
+    first_ts_ms INTEGER,
+    last_ts_ms INTEGER,
+    readings BLOB,
+    UNIQUE (device_id, msg_id)
+);
+CREATE INDEX telemetry_by_time ON telemetry(device_id, last_ts_ms, id, first_ts_ms);
+CREATE TABLE telemetry_ranges (
+    device_id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    last_ts_ms INTEGER NOT NULL,
+    batch_id INTEGER NOT NULL,
+    first_ts_ms INTEGER NOT NULL,
+    PRIMARY KEY (device_id, stream, last_ts_ms, batch_id)
+) WITHOUT ROWID;
+CREATE TABLE telemetry_spans (
+    device_id TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+    max_span_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+#: Seqs of one batch: ``Reading.seq = batch id * SEQ_PER_BATCH + index`` (module rules).
+SEQ_PER_BATCH = 1024
+#: The longest batch the store takes: every index must fit below ``SEQ_PER_BATCH``.
+MAX_BATCH_READINGS = SEQ_PER_BATCH
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+#: Batches converted per round of the version 4 migration: bounds its memory on a big file.
+_MIGRATION_CHUNK = 512
+_INT_ONLY = {int}
+_STR_ONLY = {str}
+_BAD_READING = "a reading's stream is text and its ts_ms an integer"
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ``;``-separated statements inside the caller's transaction.
 
@@ -193,10 +271,132 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
         raise StoreError("migration script ends inside a statement")
 
 
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    1: lambda conn: _run_script(conn, _SCHEMA_V1),
-    2: lambda conn: _run_script(conn, _SCHEMA_V2),
-    3: lambda conn: _run_script(conn, _SCHEMA_V3),
+def _telemetry_aad(device_part: bytes, msg_id: int, received_ms: int, count: int, first: int,
+                   last: int) -> bytes:
+    """``build_aad("telemetry", device_id, msg_id, received_ms, count, first, last, "readings")``
+    from the device id already escaped (``_aad_part``): the other parts are ints, whose ``%d``
+    is their ``str``."""
+    return b"telemetry|%s|%d|%d|%d|%d|%d|readings" % (device_part, msg_id, received_ms, count,
+                                                       first, last)
+
+
+def _stream_ranges(streams: Sequence[str], stamps: Sequence[int]) -> list[tuple[str, int, int]]:
+    """``(stream, first ts, last ts)`` of each stream of a batch, in order of first appearance."""
+    ranges: dict[str, list[int]] = {}
+    for stream, ts_ms in zip(streams, stamps):
+        span = ranges.get(stream)
+        if span is None:
+            ranges[stream] = [ts_ms, ts_ms]
+        elif ts_ms < span[0]:
+            span[0] = ts_ms
+        elif ts_ms > span[1]:
+            span[1] = ts_ms
+    return [(stream, span[0], span[1]) for stream, span in ranges.items()]
+
+
+def _cbor_array_head(length: int) -> bytes:
+    """The CBOR head of an array of ``length`` items (RFC 8949, major type 4)."""
+    if length < 24:
+        return bytes([0x80 + length])
+    if length < 0x100:
+        return bytes([0x98, length])
+    if length < 0x10000:
+        return b"\x99" + length.to_bytes(2, "big")
+    return b"\x9a" + length.to_bytes(4, "big")
+
+
+def _migrate_to_v4(conn: sqlite3.Connection, keyring: Keyring) -> None:
+    """Re-store every version 3 batch as one ``telemetry`` row with one sealed blob, then drop
+    ``readings`` and ``telemetry_batches``; all inside ``_migrate``'s one transaction, so an
+    interruption (or a value that fails to open) leaves the version 3 file as it was.
+
+    A batch's id is the smallest seq version 3 gave its readings: ids stay unique, and the new
+    seqs order the readings exactly as the old ones did (a batch's readings had consecutive
+    seqs). Each value's CBOR is copied byte for byte into the new array."""
+    _run_script(conn, _SCHEMA_V4)
+    # ``_load_data_keys`` runs after ``_migrate``; opening the old values and sealing the new
+    # blobs needs the keys now. (A new file has none yet, and no telemetry to convert.)
+    keyring.load([WrappedKey(r[0], r[1], bytes(r[2])) for r in
+                  conn.execute("SELECT id, purpose, wrapped FROM data_keys ORDER BY id")])
+    # Batches with no readings have no seq to take an id from: they get ids past every seq.
+    top_id = conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
+    # Version 3 dropped its (device_id, msg_id) index; without one this join is quadratic.
+    # It goes with the table at the end.
+    conn.execute("CREATE INDEX readings_v4_migration ON readings(device_id, msg_id, idx)")
+    rows = conn.execute(
+        "SELECT b.device_id, b.msg_id, b.received_ms, r.seq, r.idx, r.stream, r.ts_ms, r.value"
+        " FROM telemetry_batches b LEFT JOIN readings r ON r.device_id=b.device_id AND"
+        " r.msg_id=b.msg_id ORDER BY b.device_id, b.msg_id, r.idx")
+    spans: dict[str, int] = {}
+    pending: list[tuple] = []
+
+    def flush() -> None:
+        nonlocal top_id
+        to_seal = []
+        batch_rows = []
+        range_rows = []
+        for device_id, msg_id, received_ms, items in pending:
+            if not items:
+                top_id += 1
+                batch_rows.append((top_id, device_id, msg_id, received_ms, 0, None, None, None))
+                continue
+            if len(items) > MAX_BATCH_READINGS:
+                raise StoreError("batch %s/%d has %d readings, more than %d"
+                                 % (device_id, msg_id, len(items), MAX_BATCH_READINGS))
+            batch_id = min(item[0] for item in items)
+            stamps = [item[2] for item in items]
+            first, last = min(stamps), max(stamps)
+            # The flat array add_telemetry writes, each value's old CBOR bytes as they were.
+            plaintext = _cbor_array_head(3 * len(items)) + b"".join(
+                cbor2.dumps(stream) + cbor2.dumps(ts_ms) + value
+                for _, stream, ts_ms, value in items)
+            to_seal.append((plaintext, _telemetry_aad(_aad_part(device_id), msg_id, received_ms,
+                                                      len(items), first, last)))
+            batch_rows.append([batch_id, device_id, msg_id, received_ms, len(items), first, last,
+                               None])
+            for stream, stream_first, stream_last in _stream_ranges([item[1] for item in items],
+                                                                    stamps):
+                range_rows.append((device_id, stream, stream_last, batch_id, stream_first))
+            spans[device_id] = max(spans.get(device_id, 0), min(last - first, _INT64_MAX))
+        sealed = iter(keyring.seal_many("telemetry", to_seal))
+        for batch_row in batch_rows:
+            if batch_row[4]:
+                batch_row[7] = next(sealed)
+        conn.executemany("INSERT INTO telemetry(id, device_id, msg_id, received_ms, reading_count,"
+                         " first_ts_ms, last_ts_ms, readings) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         batch_rows)
+        conn.executemany("INSERT INTO telemetry_ranges(device_id, stream, last_ts_ms, batch_id,"
+                         " first_ts_ms) VALUES (?, ?, ?, ?, ?)", range_rows)
+        pending.clear()
+
+    current: Optional[tuple] = None
+    for device_id, msg_id, received_ms, seq, idx, stream, ts_ms, value in rows:
+        if current is None or current[0] != device_id or current[1] != msg_id:
+            if len(pending) >= _MIGRATION_CHUNK:
+                flush()
+            current = (device_id, msg_id, received_ms, [])
+            pending.append(current)
+        if seq is not None:
+            # The version 3 binding: a value that does not open stops the migration (rolled
+            # back) rather than be dropped or carried over unchecked.
+            plaintext = keyring.open("telemetry", bytes(value), build_aad(
+                "readings", device_id, msg_id, idx, stream, ts_ms, "value"))
+            current[3].append((seq, stream, ts_ms, plaintext))
+    flush()
+    conn.executemany("INSERT INTO telemetry_spans(device_id, max_span_ms) VALUES (?, ?)",
+                     list(spans.items()))
+    # Child first: dropping a table another one references would delete its rows one by one.
+    conn.execute("DROP TABLE readings")
+    conn.execute("DROP TABLE telemetry_batches")
+
+
+#: ``_MIGRATIONS[n]`` upgrades a database at version n-1 to version n, inside the open transaction.
+#: Version 1 is the initial schema. Add a function for each later version; never edit a shipped one.
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, Keyring], None]] = {
+    1: lambda conn, keyring: _run_script(conn, _SCHEMA_V1),
+    2: lambda conn, keyring: _run_script(conn, _SCHEMA_V2),
+    3: lambda conn, keyring: _run_script(conn, _SCHEMA_V3),
+    4: _migrate_to_v4,
 }
 
 
@@ -226,6 +426,9 @@ class SQLiteStore(Store):
         self.path = path
         self._keyring = keyring
         self._lock = threading.RLock()
+        # device id -> the widest batch span this store has committed to telemetry_spans:
+        # add_telemetry skips the upsert when a batch does not widen it.
+        self._spans: dict[str, int] = {}
         if not os.path.exists(path):
             # Create the file ourselves so it (and the -wal/-shm SQLite derives from it) is 0600.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -290,7 +493,7 @@ class SQLiteStore(Store):
                 raise StoreError("database schema version %d is newer than this hub supports (%d)"
                                  % (current, SCHEMA_VERSION))
             for version in range(current + 1, SCHEMA_VERSION + 1):
-                _MIGRATIONS[version](conn)
+                _MIGRATIONS[version](conn, self._keyring)
                 conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
                              (str(version),))
 
@@ -455,9 +658,9 @@ class SQLiteStore(Store):
                 raise ConflictError(
                     "gateway %s still relays for %s%s; assign them elsewhere first"
                     % (device_id, ", ".join(boards[:3]), ", ..." if len(boards) > 3 else ""))
-            # Readings first, through readings_by_time: the cascade below then looks up
-            # (device_id, msg_id) for each batch with no index of its own, in an empty range.
-            conn.execute("DELETE FROM readings WHERE device_id=?", (device_id,))
+            # telemetry_ranges has no foreign key (_SCHEMA_V4); telemetry and telemetry_spans
+            # go by the cascade.
+            conn.execute("DELETE FROM telemetry_ranges WHERE device_id=?", (device_id,))
             cursor = conn.execute("DELETE FROM devices WHERE id=?", (device_id,))
             if cursor.rowcount == 0:
                 raise NotFoundError("no device %s" % device_id)
@@ -502,61 +705,141 @@ class SQLiteStore(Store):
 
     # -- telemetry --------------------------------------------------------------------------
     def add_telemetry(self, batches: Sequence[TelemetryBatch]) -> list[bool]:
-        """Commit every batch in one transaction (see ``Store.add_telemetry``)."""
-        # Seal before taking the lock: AES-GCM work need not block other threads' queries.
-        # The additional data of each value is exactly ``build_aad("readings", device_id,
-        # msg_id, idx, stream, ts_ms, "value")``, assembled from bytes parts built once a batch
-        # (and once a stream name): formatting it part by part was a quarter of a seal.
+        """Commit every batch in one transaction (see ``Store.add_telemetry``).
+
+        Each batch becomes one ``telemetry`` row holding its readings as one sealed blob, and
+        one ``telemetry_ranges`` row per stream name in it (module rules)."""
+        if not batches:
+            return []
+        # Check, encode and seal before taking the lock: that work need not block other threads.
         prepared = []
         to_seal = []
         escaped: dict[str, bytes] = {}
         for batch in batches:
-            if not isinstance(batch.msg_id, int) or isinstance(batch.msg_id, bool):
-                raise StoreError("a batch's msg_id is an integer")
-            head = b"readings|%s|%s|" % (_aad_part(batch.device_id), _aad_part(batch.msg_id))
-            rows = []
-            for idx, reading in enumerate(batch.readings):
+            device_id, msg_id, received_ms = batch.device_id, batch.msg_id, batch.received_ms
+            # type(), not isinstance: a bool is no msg id or time, and it is the faster test.
+            if type(msg_id) is not int or type(received_ms) is not int \
+                    or type(device_id) is not str:
+                raise StoreError("a batch has a text device_id, an integer msg_id and an integer"
+                                 " received_ms")
+            # The blob's CBOR array is flat, [stream, ts_ms, value, stream, ...]: cbor2 pays
+            # more for a nested array than for its three items. Building the list here also
+            # means the blob holds exactly what was checked, whatever the caller's reading
+            # objects are (a dict of three keys would unpack, and encode as a map).
+            flat: list = []
+            extend = flat.extend
+            try:
+                for stream, ts_ms, value in batch.readings:
+                    extend((stream, ts_ms, value))
+            except (TypeError, ValueError):
+                raise StoreError("a reading is a (stream, ts_ms, value) triple") from None
+            count = len(flat) // 3
+            if count == 1:  # the common case, without the general one's passes
+                stream, first = flat[0], flat[1]
+                if type(first) is not int or type(stream) is not str:
+                    raise StoreError(_BAD_READING)
+                ranges: Sequence[tuple] = ((stream, first, first),)
+                last = first
+            elif count:
+                if count > MAX_BATCH_READINGS:
+                    raise StoreError("a batch holds at most %d readings" % MAX_BATCH_READINGS)
+                streams, stamps = flat[0::3], flat[1::3]
+                if set(map(type, stamps)) != _INT_ONLY:
+                    raise StoreError(_BAD_READING)
                 try:
-                    stream, ts_ms, value = reading
-                except (TypeError, ValueError):
-                    raise StoreError("a reading is a (stream, ts_ms, value) triple") from None
-                if not isinstance(stream, str) or not isinstance(ts_ms, int):
-                    raise StoreError("a reading's stream is text and its ts_ms an integer")
-                try:
-                    encoded = cbor2.dumps(value)
-                except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
-                    raise StoreError("value cannot be stored: %s" % exc) from None
-                part = escaped.get(stream)
-                if part is None:
-                    part = escaped[stream] = _aad_part(stream)
-                # str(), not %d, for ts_ms: a bool passes the check above and build_aad says "True".
-                to_seal.append((encoded, b"%s%d|%s|%s|value" % (head, idx, part,
-                                                                str(ts_ms).encode())))
-                rows.append([batch.device_id, batch.msg_id, idx, stream, ts_ms,
-                             batch.received_ms, None])
-            prepared.append((batch, rows))
+                    names = set(streams)
+                except TypeError:  # an unhashable stream (a list, say) is no stream name
+                    raise StoreError(_BAD_READING) from None
+                if set(map(type, names)) != _STR_ONLY:
+                    raise StoreError(_BAD_READING)
+                first, last = min(stamps), max(stamps)
+                ranges = ((streams[0], first, last),) if len(names) == 1 \
+                    else _stream_ranges(streams, stamps)
+            else:
+                prepared.append((device_id, msg_id, received_ms, 0, None, None, ()))
+                continue
+            # Checked here so that SQLite cannot refuse a range half-way through the transaction.
+            if first < _INT64_MIN or last > _INT64_MAX:
+                raise StoreError("a reading's ts_ms is outside the 64-bit range")
+            try:
+                plaintext = cbor2.dumps(flat)
+            except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+                raise StoreError("value cannot be stored: %s" % exc) from None
+            part = escaped.get(device_id)
+            if part is None:
+                part = escaped[device_id] = _aad_part(device_id)
+            # = _telemetry_aad(...), inlined: this loop runs once per batch on the writer thread.
+            to_seal.append((plaintext, b"telemetry|%s|%d|%d|%d|%d|%d|readings" % (
+                part, msg_id, received_ms, count, first, last)))
+            prepared.append((device_id, msg_id, received_ms, count, first, last, ranges))
         sealed = iter(self._keyring.seal_many("telemetry", to_seal))
-        for _, rows in prepared:
-            for row in rows:
-                row[6] = next(sealed)
-        results = []
+        known = self._spans
         with self._tx() as conn:
-            new_rows = []
-            for batch, rows in prepared:
-                try:
-                    cursor = conn.execute(
-                        "INSERT OR IGNORE INTO telemetry_batches(device_id, msg_id, received_ms)"
-                        " VALUES (?, ?, ?)", (batch.device_id, batch.msg_id, batch.received_ms))
-                except sqlite3.IntegrityError:
-                    raise NotFoundError("no device %s" % batch.device_id) from None
-                is_new = cursor.rowcount == 1
-                results.append(is_new)
-                if is_new:
-                    new_rows.extend(rows)
-            conn.executemany(
-                "INSERT INTO readings(device_id, msg_id, idx, stream, ts_ms, received_ms, value)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)", new_rows)
+            # Ids are given here, not by SQLite, so the rows go in with one executemany per
+            # table instead of a statement (and a lastrowid) per batch. The write lock is held,
+            # so the ids past the largest are ours.
+            base = (conn.execute("SELECT max(id) FROM telemetry").fetchone()[0] or 0) + 1
+            batch_rows = []
+            range_rows = []
+            for batch_id, (device_id, msg_id, received_ms, count, first, last, ranges) \
+                    in enumerate(prepared, base):
+                batch_rows.append((batch_id, device_id, msg_id, received_ms, count, first, last,
+                                   next(sealed) if count else None))
+                for stream, stream_first, stream_last in ranges:
+                    range_rows.append((device_id, stream, stream_last, batch_id, stream_first))
+            try:
+                inserted = conn.executemany(
+                    "INSERT OR IGNORE INTO telemetry(id, device_id, msg_id, received_ms,"
+                    " reading_count, first_ts_ms, last_ts_ms, readings)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch_rows).rowcount
+            except sqlite3.IntegrityError:  # the device foreign key: OR IGNORE does not cover it
+                missing = [d for d in sorted({r[1] for r in batch_rows}) if not conn.execute(
+                    "SELECT 1 FROM devices WHERE id=?", (d,)).fetchone()]
+                raise NotFoundError("no device %s" % ", ".join(missing)) from None
+            if inserted == len(batch_rows):
+                results = [True] * len(batch_rows)
+            else:
+                # Some were repeats (ids OR IGNORE skipped): find which ids went in.
+                kept = {r[0] for r in conn.execute(
+                    "SELECT id FROM telemetry WHERE id BETWEEN ? AND ?",
+                    (base, base + len(batch_rows) - 1))}
+                results = [r[0] in kept for r in batch_rows]
+                batch_rows = [r for r in batch_rows if r[0] in kept]
+                range_rows = [r for r in range_rows if r[3] in kept]
+            conn.executemany("INSERT INTO telemetry_ranges(device_id, stream, last_ts_ms,"
+                             " batch_id, first_ts_ms) VALUES (?, ?, ?, ?, ?)", range_rows)
+            raised: dict[str, int] = {}
+            for _, device_id, _, _, count, first, last, _ in batch_rows:
+                if count and last - first > known.get(device_id, -1):
+                    # Clamped to what SQLite stores: the span only ever widens a search.
+                    raised[device_id] = max(raised.get(device_id, 0), min(last - first,
+                                                                          _INT64_MAX))
+            if raised:
+                # Only ever raised: another process may have raised it further meanwhile.
+                conn.executemany(
+                    "INSERT INTO telemetry_spans(device_id, max_span_ms) VALUES (?, ?)"
+                    " ON CONFLICT(device_id) DO UPDATE SET max_span_ms=excluded.max_span_ms"
+                    " WHERE excluded.max_span_ms > max_span_ms", list(raised.items()))
+        # After the commit: a rolled-back raise must not let a later call skip its own.
+        known.update(raised)
         return results
+
+    def _open_batch(self, device_id: str, row: Sequence[Any]) -> list:
+        """The flat readings ``[stream, ts_ms, value, ...]`` of a ``telemetry`` row
+        ``(id, msg_id, received_ms, count, first ts, last ts, blob, ...)`` of ``device_id``.
+
+        The device id comes from the caller, not the row: a blob reached through another
+        device's range rows fails to open instead of showing as this device's."""
+        _, msg_id, received_ms, count, first, last, blob = row[:7]
+        plaintext = self._keyring.open("telemetry", bytes(blob), _telemetry_aad(
+            _aad_part(device_id), msg_id, received_ms, count, first, last))
+        try:
+            flat = cbor2.loads(plaintext)
+        except (cbor2.CBORDecodeError, ValueError) as exc:  # authenticated, so only our bug
+            raise SealError("sealed batch is not CBOR: %s" % exc) from None
+        if not isinstance(flat, list) or len(flat) != 3 * count:
+            raise SealError("sealed batch does not hold its %d readings" % count)
+        return flat
 
     def query_telemetry(self, device_id: str, since_ms: Optional[int] = None,
                         until_ms: Optional[int] = None, stream: Optional[str] = None,
@@ -568,38 +851,122 @@ class SQLiteStore(Store):
         page holds readings with a smaller seq.) ``limit`` is capped at ``MAX_QUERY_LIMIT``."""
         if not isinstance(limit, int) or limit < 1:
             raise StoreError("limit must be a positive integer")
+        for name, bound in (("since_ms", since_ms), ("until_ms", until_ms),
+                            ("before_seq", before_seq)):
+            if bound is not None and type(bound) is not int:
+                raise StoreError("%s must be an integer" % name)
+        if stream is not None and type(stream) is not str:
+            raise StoreError("stream must be text")
         limit = min(limit, MAX_QUERY_LIMIT)
-        where = ["device_id=?"]
-        params: list[Any] = [device_id]
-        if since_ms is not None:
-            where.append("ts_ms>=?")
-            params.append(since_ms)
-        if until_ms is not None:
-            where.append("ts_ms<=?")
-            params.append(until_ms)
-        if stream is not None:
-            where.append("stream=?")
-            params.append(stream)
+        # Stored timestamps are 64-bit: clamping a bound changes no answer, and SQLite takes it.
+        low = _INT64_MIN if since_ms is None else max(since_ms, _INT64_MIN)
+        high = _INT64_MAX if until_ms is None else min(until_ms, _INT64_MAX)
+        if low > high:
+            return []
+        # Batches are opened under the lock, in one read transaction: the walk decides from
+        # what it opened whether to read on, and its statements must all see one state of the
+        # file. (A page of 100 opens about seven batches of 16: tens of microseconds.)
         with self._lock:
-            if before_seq is not None:
-                cursor_row = self._read("SELECT ts_ms FROM readings WHERE seq=? AND device_id=?",
-                                        (before_seq, device_id))
-                if cursor_row:
-                    where.append("(ts_ms<? OR (ts_ms=? AND seq<?))")
-                    params.extend([cursor_row[0][0], cursor_row[0][0], before_seq])
-                else:
-                    where.append("seq<?")
-                    params.append(before_seq)
-            params.append(limit)
-            rows = self._read(
-                "SELECT seq, device_id, msg_id, idx, stream, ts_ms, received_ms, value FROM readings"
-                " WHERE %s ORDER BY ts_ms DESC, seq DESC LIMIT ?" % " AND ".join(where), params)
-        out = []
-        for seq, dev, msg_id, idx, stream_name, ts_ms, received_ms, sealed in rows:
-            value = self._open_value("telemetry", sealed, "readings", dev, msg_id, idx,
-                                     stream_name, ts_ms, "value")
-            out.append(Reading(dev, msg_id, stream_name, ts_ms, value, received_ms, seq))
-        return out
+            try:
+                self._conn.execute("BEGIN")
+                try:
+                    best = self._newest(device_id, low, high, stream, limit, before_seq)
+                finally:
+                    self._conn.execute("COMMIT")  # read only: this ends the snapshot
+            except (sqlite3.Error, OverflowError) as exc:
+                raise StoreError("database error: %s" % exc) from None
+        # (ts_ms, seq) pairs are unique: sorting never compares the values.
+        best.sort(reverse=True)
+        return [Reading(device_id, msg_id, name, ts_ms, value, received_ms, seq)
+                for ts_ms, seq, name, value, msg_id, received_ms in best]
+
+    _BATCH_COLUMNS = "id, msg_id, received_ms, reading_count, first_ts_ms, last_ts_ms, readings"
+
+    def _newest(self, device_id: str, low: int, high: int, stream: Optional[str], limit: int,
+                before_seq: Optional[int]) -> list[tuple]:
+        """``query_telemetry``'s work inside its read transaction: a min-heap of the ``limit``
+        newest ``(ts_ms, seq, stream, value, msg_id, received_ms)`` that match."""
+        conn = self._conn
+        opened: dict[int, list] = {}
+        cursor_seq = None  # the page continues after (high, cursor_seq) ...
+        max_seq = None  # ... or, for a seq no reading of the device has, below it
+        if before_seq is not None:
+            batch_id, index = divmod(before_seq, SEQ_PER_BATCH)
+            row = conn.execute("SELECT %s FROM telemetry WHERE id=? AND device_id=?"
+                               % self._BATCH_COLUMNS, (batch_id, device_id)
+                               ).fetchone() if _INT64_MIN <= batch_id <= _INT64_MAX else None
+            if row is not None and index < row[3]:
+                opened[batch_id] = self._open_batch(device_id, row)
+                ts_ms = opened[batch_id][3 * index + 1]
+                if ts_ms < low:
+                    return []
+                if ts_ms <= high:
+                    high, cursor_seq = ts_ms, before_seq
+            else:
+                max_seq = before_seq
+        if stream is None:
+            where = "device_id=? AND last_ts_ms>=?"
+            params: list[Any] = [device_id, low]
+        else:
+            where = "device_id=? AND stream=? AND last_ts_ms>=?"
+            params = [device_id, stream, low]
+        if high < _INT64_MAX:
+            # A batch ending after ``high`` holds readings at or before it only if it starts by
+            # then, and it ends at most the device's widest batch after it.
+            span = conn.execute("SELECT max_span_ms FROM telemetry_spans WHERE device_id=?",
+                                (device_id,)).fetchone()
+            where += " AND last_ts_ms<=? AND first_ts_ms<=?"
+            params += [min(high + (span[0] if span else 0), _INT64_MAX), high]
+        if max_seq is not None:
+            where += " AND %s<=?" % ("id" if stream is None else "batch_id")
+            params.append(min(max((max_seq - 1) // SEQ_PER_BATCH, -1), _INT64_MAX))
+        if stream is None:
+            sql = ("SELECT %s, last_ts_ms FROM telemetry WHERE %s"
+                   " ORDER BY last_ts_ms DESC, id DESC" % (self._BATCH_COLUMNS, where))
+        else:
+            # CROSS JOIN: the stream's range walk leads, each batch is then fetched by its id.
+            sql = ("SELECT t.id, t.msg_id, t.received_ms, t.reading_count, t.first_ts_ms,"
+                   " t.last_ts_ms, t.readings, r.last_ts_ms FROM telemetry_ranges r CROSS JOIN"
+                   " telemetry t ON t.id=r.batch_id WHERE %s"
+                   " ORDER BY r.last_ts_ms DESC, r.batch_id DESC"
+                   % " AND ".join("r." + term for term in where.split(" AND ")))
+        best: list[tuple] = []
+        walk = conn.execute(sql, params)
+        try:
+            self._collect(device_id, walk, opened, best, limit, stream, low, high, cursor_seq,
+                          max_seq)
+        finally:
+            walk.close()
+        return best
+
+    def _collect(self, device_id: str, walk: Iterable[Sequence[Any]], opened: dict[int, list],
+                 best: list[tuple], limit: int, stream: Optional[str], low: int, high: int,
+                 cursor_seq: Optional[int], max_seq: Optional[int]) -> None:
+        """Open the walk's batches into ``best`` (a min-heap of at most ``limit`` readings)
+        until no later batch can hold a reading newer than the worst one kept."""
+        for row in walk:
+            batch_id = row[0]
+            top = batch_id * SEQ_PER_BATCH
+            # The walk is ordered by (last ts, id), descending: once a batch cannot beat the
+            # worst reading kept, no later one can.
+            if len(best) == limit and (row[7], top + SEQ_PER_BATCH - 1) < best[0][:2]:
+                return
+            flat = opened.get(batch_id)
+            if flat is None:
+                flat = self._open_batch(device_id, row)
+            msg_id, received_ms = row[1], row[2]
+            for index, (name, ts_ms, value) in enumerate(zip(flat[0::3], flat[1::3],
+                                                             flat[2::3])):
+                if ts_ms < low or ts_ms > high or (stream is not None and name != stream):
+                    continue
+                seq = top + index
+                if (cursor_seq is not None and ts_ms == high and seq >= cursor_seq) \
+                        or (max_seq is not None and seq >= max_seq):
+                    continue
+                if len(best) < limit:
+                    heapq.heappush(best, (ts_ms, seq, name, value, msg_id, received_ms))
+                elif (ts_ms, seq) > best[0][:2]:
+                    heapq.heapreplace(best, (ts_ms, seq, name, value, msg_id, received_ms))
 
     # -- commands ---------------------------------------------------------------------------
     _COMMAND_COLUMNS = ("id, device_id, name, args, status, created_ms, expires_ms, delivered_ms,"

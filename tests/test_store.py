@@ -300,11 +300,14 @@ def test_migration_from_schema_1(tmp_path, master, monkeypatch):
     monkeypatch.undo()
 
     s = open_store(tmp_path / "hub.db", master)
-    assert s.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
+    assert s.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+    tables = {r[0] for r in s._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"telemetry", "telemetry_ranges", "telemetry_spans"} <= tables
+    assert not {"readings", "telemetry_batches"} & tables  # version 4 replaced them
     indexes = {r[0] for r in s._conn.execute(
-        "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='readings'")
+        "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name LIKE 'telemetry%'")
         if not r[0].startswith("sqlite_")}
-    assert indexes == {"readings_by_time", "readings_by_stream"}  # version 3 dropped by_batch
+    assert indexes == {"telemetry_by_time"}  # and the keys and UNIQUE: see _SCHEMA_V4
     device = s.get_device("dev_aaaaaaaaaaaaaaaa")
     assert (device.name, device.public_key_pem, device.last_seen_ms, device.kind,
             device.gateway_id) == ("old", PEM, 6, "device", None)
@@ -568,10 +571,12 @@ def test_removing_a_device_removes_its_data(store, tmp_path):
         store.set_desired_state(dev.id, {"k": 1}, 1)
     store.remove_device(a.id)
     conn = raw(tmp_path / "hub.db")
-    for table in ("telemetry_batches", "readings", "commands", "device_state"):
+    for table in ("telemetry", "telemetry_ranges", "telemetry_spans", "commands",
+                  "device_state"):
         ids = {r[0] for r in conn.execute("SELECT device_id FROM %s" % table)}
         assert ids == {b.id}, table
     conn.close()
+    assert [r.value for r in store.query_telemetry(b.id)] == [1]
 
 
 # -- at rest: sentinel, tampering, rotation -----------------------------------------------
@@ -626,7 +631,7 @@ def test_flipped_byte_in_each_sealed_column_is_refused(tmp_path, master):
     conn = raw(tmp_path / "hub.db")
     cases = [
         ("devices", "secret", "id=?", secret_dev.id, lambda: s.get_device(secret_dev.id)),
-        ("readings", "value", "stream='temp'", None, lambda: s.query_telemetry(dev.id)),
+        ("telemetry", "readings", "msg_id=1", None, lambda: s.query_telemetry(dev.id)),
         ("commands", "args", "id=?", cmd.id, lambda: s.get_command(cmd.id)),
         ("commands", "result", "id=?", cmd.id, lambda: s.get_command(cmd.id)),
         ("commands", "error", "id=?", cmd.id, lambda: s.get_command(cmd.id)),
@@ -671,16 +676,40 @@ def test_blobs_moved_between_rows_are_refused(tmp_path, master):
         s.get_device(d1.id)
     swap("devices", "secret", "id", d1.id, d2.id)
     assert s.get_device(d1.id).secret == b"1" * 32
-    seqs = [r[0] for r in conn.execute("SELECT seq FROM readings ORDER BY seq")]
-    swap("readings", "value", "seq", seqs[0], seqs[1])
+    s.add_telemetry([batch(d1.id, 2, [("t", 12, 3.0), ("t", 13, 4.0)]),
+                     batch(d2.id, 1, [("t", 10, 1.0), ("t", 11, 2.0)])])
+    # Two batches of one device, and two devices' batches with the same msg id and shape.
+    for k1, k2 in (("1", "2"), ("1", "3")):
+        ids = [r[0] for r in conn.execute("SELECT id FROM telemetry ORDER BY id")]
+        swap("telemetry", "readings", "id", ids[int(k1) - 1], ids[int(k2) - 1])
+        with pytest.raises(SealError):
+            s.query_telemetry(d1.id)
+        swap("telemetry", "readings", "id", ids[int(k1) - 1], ids[int(k2) - 1])
+        assert [r.value for r in s.query_telemetry(d1.id)] == [4.0, 3.0, 2.0, 1.0]
+    # The batch's clear count and time range are bound into the additional data: editing
+    # one is caught.
+    for column, edited, original in (("reading_count", 1, 2), ("first_ts_ms", 9, 10),
+                                     ("last_ts_ms", 12, 11)):
+        conn.execute("UPDATE telemetry SET %s=? WHERE device_id=? AND msg_id=1" % column,
+                     (edited, d1.id))
+        with pytest.raises(SealError):
+            s.query_telemetry(d1.id)
+        conn.execute("UPDATE telemetry SET %s=? WHERE device_id=? AND msg_id=1" % column,
+                     (original, d1.id))
+    assert len(s.query_telemetry(d1.id)) == 4
+    # A range row of d1 pointed at d2's batch: opened as d1's, it fails instead of showing.
+    d2_batch = conn.execute("SELECT id FROM telemetry WHERE device_id=?", (d2.id,)).fetchone()[0]
+    conn.execute("INSERT INTO telemetry_ranges VALUES (?, 't', 99, ?, 99)", (d1.id, d2_batch))
     with pytest.raises(SealError):
-        s.query_telemetry(d1.id)
-    swap("readings", "value", "seq", seqs[0], seqs[1])
-    # Clear columns are bound into the additional data too: editing a timestamp is caught.
-    conn.execute("UPDATE readings SET ts_ms=99 WHERE seq=?", (seqs[0],))
-    with pytest.raises(SealError):
-        s.query_telemetry(d1.id)
-    conn.execute("UPDATE readings SET ts_ms=10 WHERE seq=?", (seqs[0],))
+        s.query_telemetry(d1.id, stream="t")
+    conn.execute("DELETE FROM telemetry_ranges WHERE last_ts_ms=99")
+    # The stream ranges are an index, not the record: an edited range can hide a batch from a
+    # query (as deleting its row can) but never alter a reading's time or value.
+    conn.execute("UPDATE telemetry_ranges SET first_ts_ms=1, last_ts_ms=1 WHERE device_id=?"
+                 " AND last_ts_ms=13", (d1.id,))
+    assert [(r.ts_ms, r.value) for r in s.query_telemetry(d1.id, stream="t")] == \
+        [(13, 4.0), (12, 3.0), (11, 2.0), (10, 1.0)]
+    assert [r.ts_ms for r in s.query_telemetry(d1.id, stream="t", limit=2)] == [11, 10]
     # Desired and reported state of one device: moving one column into the other is caught.
     desired = conn.execute("SELECT desired FROM device_state").fetchone()[0]
     conn.execute("UPDATE device_state SET reported=?", (desired,))
@@ -737,47 +766,61 @@ def test_failed_rotation_changes_nothing(tmp_path, master):
     s.close()
 
 
-# -- query plans and the additional data of readings ---------------------------------------
+# -- query plans and the additional data of telemetry ---------------------------------------
 
 
 def plan(conn, sql, params=()):
     return " / ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
 
 
-def test_every_readings_statement_is_served_by_an_index(store, tmp_path):
-    """Every statement the store runs on readings (captured as run) searches an index: none
-    scans the table or sorts it for ORDER BY; and the cascade of remove_device finds one too."""
+TELEMETRY_TABLES = ("telemetry", "telemetry_ranges", "telemetry_spans")
+
+
+def test_every_telemetry_statement_is_served_by_an_index(store, tmp_path):
+    """Every statement the store runs on the telemetry tables (captured as run) searches an
+    index: none scans a table or sorts for ORDER BY; and the cascades of remove_device search
+    one too."""
     a, b = add_es(store, "a"), add_es(store, "b")
     store.add_telemetry([batch(dev.id, m, [("t", m * 10 + i, i) for i in range(3)] +
                                [("h", m * 10, 1)]) for dev in (a, b) for m in range(1, 40)])
     seen = []
     store._conn.set_trace_callback(seen.append)
     try:
-        store.add_telemetry([batch(a.id, 99, [("t", 5, 1)])])
+        store.add_telemetry([batch(a.id, 99, [("t", 5, 1)]), batch(a.id, 99, [("t", 5, 1)])])
         first = store.query_telemetry(a.id, limit=5)
         store.query_telemetry(a.id, limit=5, before_seq=first[-1].seq)
+        store.query_telemetry(a.id, limit=5, before_seq=3)  # a seq no reading has
         store.query_telemetry(a.id, since_ms=100, until_ms=200, limit=5)
         store.query_telemetry(a.id, stream="t", limit=5)
         store.query_telemetry(a.id, stream="h", since_ms=100, limit=5, before_seq=first[-1].seq)
         store.remove_device(b.id)
     finally:
         store._conn.set_trace_callback(None)
-    statements = [sql for sql in seen if "readings" in sql and "telemetry_batches" not in sql
+    statements = [sql for sql in seen if any(t in sql for t in TELEMETRY_TABLES)
                   and not sql.startswith("INSERT")]
-    assert len(statements) >= 8
+    assert len(statements) >= 15
     conn = raw(tmp_path / "hub.db")
     try:
         for sql in statements:
             text = plan(conn, sql)
-            assert "SCAN readings" not in text and "TEMP B-TREE" not in text, (sql, text)
-            assert re.search(r"SEARCH readings USING (COVERING )?INDEX readings_by_"
-                             r"|SEARCH readings USING INTEGER PRIMARY KEY", text), (sql, text)
-        # What the ON DELETE CASCADE from telemetry_batches looks up, once per batch.
-        text = plan(conn, "SELECT 1 FROM readings WHERE device_id=? AND msg_id=?", (a.id, 1))
-        assert "SEARCH readings USING" in text and "(device_id=?" in text, text
-        stream_plan = plan(conn, "SELECT * FROM readings WHERE device_id=? AND stream=?"
-                                 " ORDER BY ts_ms DESC, seq DESC LIMIT 5", (a.id, "t"))
-        assert "readings_by_stream" in stream_plan
+            assert "SCAN" not in text and "TEMP B-TREE" not in text, (sql, text)
+            assert "SEARCH" in text, (sql, text)
+        # What the ON DELETE CASCADE from devices looks up, once per removed device.
+        for table in ("telemetry", "telemetry_spans"):
+            text = plan(conn, "SELECT 1 FROM %s WHERE device_id=?" % table, (a.id,))
+            assert "SEARCH %s USING" % table in text and "(device_id=?)" in text, text
+        walk = plan(conn, "SELECT t.readings FROM telemetry_ranges r CROSS JOIN telemetry t ON"
+                          " t.id=r.batch_id WHERE r.device_id=? AND r.stream=? AND"
+                          " r.last_ts_ms>=? AND r.last_ts_ms<=? AND r.first_ts_ms<=?"
+                          " ORDER BY r.last_ts_ms DESC, r.batch_id DESC", (a.id, "t", 0, 9, 9))
+        assert "SEARCH r USING PRIMARY KEY (device_id=? AND stream=? AND last_ts_ms>? AND" \
+               " last_ts_ms<?)" in walk and "SEARCH t USING INTEGER PRIMARY KEY" in walk, walk
+        walk = plan(conn, "SELECT readings FROM telemetry WHERE device_id=? AND last_ts_ms>=? AND"
+                          " last_ts_ms<=? AND first_ts_ms<=? AND id<=?"
+                          " ORDER BY last_ts_ms DESC, id DESC", (a.id, 0, 9, 9, 5))
+        assert "SEARCH telemetry USING INDEX telemetry_by_time (device_id=? AND last_ts_ms>? AND" \
+               " last_ts_ms<?)" in walk and "TEMP" not in walk, walk
+        assert sum("ORDER BY last_ts_ms DESC, id DESC" in sql for sql in statements) >= 4
     finally:
         conn.close()
     assert store.query_telemetry(b.id) == [] and len(store.query_telemetry(a.id, limit=999)) == 157
@@ -789,20 +832,34 @@ def test_every_readings_statement_is_served_by_an_index(store, tmp_path):
            | st.sampled_from(["%", "|", "%7C", "a|b", "%25|"]),
            st.integers(-2**63, 2**63 - 1), st.integers(-5, 5) | st.text(max_size=5)),
        min_size=1, max_size=5),
-       msg_id=st.integers(0, 2**63 - 1))
-def test_reading_values_are_sealed_with_the_build_aad_binding(store, readings, msg_id):
-    """The batch sealing path builds exactly ``build_aad(...)`` as additional data: a value
-    opens with the keyring and the documented binding (the on-disk format is unchanged)."""
+       msg_id=st.integers(-2**63, 2**63 - 1), received=st.integers(-2**63, 2**63 - 1))
+def test_batches_are_sealed_with_the_build_aad_binding(store, readings, msg_id, received):
+    """The batch sealing path builds exactly ``build_aad(...)`` as additional data, and the
+    blob is the flat CBOR array of the readings (cbor2 decodes it: the reference codec)."""
+    import cbor2
+
     from smartx_hub.crypto import build_aad
     dev = store.get_device_by_name("aad") or add_es(store, "aad")
-    if not store.add_telemetry([batch(dev.id, msg_id, readings)])[0]:
+    if not store.add_telemetry([TelemetryBatch(dev.id, msg_id, readings, received)])[0]:
         return  # hypothesis repeated a msg_id: stored once already
-    rows = store._conn.execute("SELECT idx, stream, ts_ms, value FROM readings WHERE device_id=?"
-                               " AND msg_id=? ORDER BY idx", (dev.id, msg_id)).fetchall()
-    assert len(rows) == len(readings)
-    for (idx, stream, ts_ms, value), reading in zip(rows, readings):
-        assert (stream, ts_ms) == reading[:2]
-        aad = build_aad("readings", dev.id, msg_id, idx, stream, ts_ms, "value")
-        assert store._open_value("telemetry", value, "readings", dev.id, msg_id, idx, stream,
-                                 ts_ms, "value") == reading[2]
-        assert store._keyring.open("telemetry", value, aad)
+    row = store._conn.execute("SELECT reading_count, readings FROM telemetry WHERE device_id=?"
+                              " AND msg_id=?", (dev.id, msg_id)).fetchone()
+    assert row[0] == len(readings)
+    first, last = min(r[1] for r in readings), max(r[1] for r in readings)
+    parts = ["telemetry", dev.id, msg_id, received, len(readings), first, last, "readings"]
+    plaintext = store._keyring.open("telemetry", row[1], build_aad(*parts))
+    assert cbor2.loads(plaintext) == [part for reading in readings for part in reading]
+    assert plaintext == cbor2.dumps([part for reading in readings for part in reading])
+    for changed in range(2, 7):  # each bound part, changed by one, fails to open
+        wrong = list(parts)
+        wrong[changed] += 1
+        with pytest.raises(SealError):
+            store._keyring.open("telemetry", row[1], build_aad(*wrong))
+    ranges = store._conn.execute("SELECT stream, r.first_ts_ms, r.last_ts_ms FROM telemetry_ranges"
+                                 " r JOIN telemetry t ON t.id=r.batch_id WHERE t.device_id=? AND"
+                                 " t.msg_id=?", (dev.id, msg_id)).fetchall()
+    expected = {}
+    for stream, ts_ms, _ in readings:
+        low, high = expected.get(stream, (ts_ms, ts_ms))
+        expected[stream] = (min(low, ts_ms), max(high, ts_ms))
+    assert {r[0]: (r[1], r[2]) for r in ranges} == expected
