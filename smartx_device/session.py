@@ -190,14 +190,25 @@ class SessionClosed(Event):
 
 class Session:
     """One side of one SmartX session. ``role`` is DEVICE or HUB; ``framer`` a framing object
-    (StreamFramer by default; SerialFramer for UART links)."""
+    (StreamFramer by default; SerialFramer for UART links). ``decode_message`` and
+    ``encode_message`` replace ``messages.decode_message``/``encode_message``: only with
+    functions that give exactly their results and errors (the hub's native-codec ones)."""
+
+    # The message codec, as class attributes so that a session holds no reference of its own
+    # unless given one (the constructor's arguments, or a subclass's class attributes).
+    _decode_message = staticmethod(m.decode_message)
+    _encode_message = staticmethod(m.encode_message)
 
     def __init__(self, role, now_ms, framer=None, keepalive_ms=DEFAULT_KEEPALIVE_MS,
                  handshake_timeout_ms=DEFAULT_HANDSHAKE_TIMEOUT_MS,
-                 max_frame_size=DEFAULT_MAX_FRAME_SIZE):
+                 max_frame_size=DEFAULT_MAX_FRAME_SIZE, decode_message=None, encode_message=None):
         if role not in TRANSITIONS:
             raise LocalProtocolError("role must be DEVICE or HUB, not %r" % (role,))
         self.role = role
+        if decode_message is not None:
+            self._decode_message = decode_message
+        if encode_message is not None:
+            self._encode_message = encode_message
         self.state = IDLE
         self._table = TRANSITIONS[role]
         self._framer = framer if framer is not None else StreamFramer(max_frame_size)
@@ -225,7 +236,7 @@ class Session:
         if next_state is None:
             raise LocalProtocolError("cannot send %s in state %s as %s" % (
                 type(message).__name__, self.state_name, self.role))
-        payload = m.encode_message(message)
+        payload = self._encode_message(message)
         if len(payload) > self.peer_max_frame_size:
             raise LocalProtocolError("%s is %d bytes, the peer accepts at most %d" % (
                 type(message).__name__, len(payload), self.peer_max_frame_size))
@@ -281,7 +292,7 @@ class Session:
         return events
 
     def _receive_frame(self, payload, now_ms, events):
-        message = m.decode_message(payload)
+        message = self._decode_message(payload)
         next_state = self._table[self.state].get(_receive(message.TYPE))
         if next_state is None:
             raise RemoteProtocolError("%s may not send %s in state %s" % (
