@@ -33,6 +33,7 @@ class LiveSessions:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionHandle] = {}
+        self._wakes = 0
 
     def register(self, handle: SessionHandle) -> Optional[SessionHandle]:
         """Make ``handle`` the device's live session; return the session it replaces."""
@@ -71,12 +72,24 @@ class LiveSessions:
         return True
 
     def wake(self, device_id: str) -> bool:
-        """Tell the device's live session that commands or desired state are waiting."""
-        handle = self._get(device_id)
+        """Tell the device's live session that commands or desired state are waiting; False if
+        it has none. Counted either way (``wakes``)."""
+        with self._lock:
+            self._wakes += 1
+            handle = self._sessions.get(device_id)
         if handle is None:
             return False
         _call_on_loop(handle.loop, handle.wake)
         return True
+
+    def wakes(self) -> int:
+        """How many times ``wake`` has been called, for any device, with or without a session.
+
+        A session that looks for its pending work before it is registered reads this before
+        looking and again once registered: a change means a wake may have found no session to
+        tell, so it looks once more."""
+        with self._lock:
+            return self._wakes
 
     def all_handles(self) -> list[SessionHandle]:
         """A snapshot of every live session (for shutdown)."""

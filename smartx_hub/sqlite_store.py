@@ -1019,6 +1019,11 @@ class SQLiteStore(Store):
 
     def pending_commands(self, device_id: str, now_ms: int) -> list[Command]:
         """Queued commands alive at ``now_ms``, oldest first; expire the rest."""
+        # Most sessions start with nothing queued: a plain read answers them without taking the
+        # write lock (with no queued row there is nothing to expire either).
+        if not self._read("SELECT 1 FROM commands WHERE device_id=? AND status='queued' LIMIT 1",
+                          (device_id,)):
+            return []
         with self._tx() as conn:
             conn.execute("UPDATE commands SET status='expired', completed_ms=? WHERE device_id=?"
                          " AND status='queued' AND expires_ms<=?", (now_ms, device_id, now_ms))
