@@ -73,18 +73,23 @@ def sample_readings(count: int, ts_ms: int) -> list:
 # -- device side (worker processes) -----------------------------------------------------
 
 
+def make_signer(creds: dict) -> Signer:
+    """The device's signer: its key is loaded once, as a board loads it once at boot."""
+    secret = None
+    if creds["auth"] == "hs256":
+        secret = base64.b64decode(creds["secret_b64"])
+    return Signer(creds["auth"], secret=secret, private_key_pem=creds.get("private_key_pem"))
+
+
 class Device:
     """One benchmark device on asyncio streams and the protocol core."""
 
-    def __init__(self, creds: dict, port: int, context: ssl.SSLContext) -> None:
+    def __init__(self, creds: dict, port: int, context: ssl.SSLContext,
+                 signer: Optional[Signer] = None) -> None:
         self.creds = creds
         self.port = port
         self.context = context
-        secret = None
-        if creds["auth"] == "hs256":
-            secret = base64.b64decode(creds["secret_b64"])
-        self.signer = Signer(creds["auth"], secret=secret,
-                             private_key_pem=creds.get("private_key_pem"))
+        self.signer = signer or make_signer(creds)
         self.reader = self.writer = self.session = None
         self.next_id = 1  # set per worker: a repeated msg_id is acked again but stored once
 
@@ -130,8 +135,9 @@ async def run_handshakes(devices: list, port: int, context, duration: float,
     async def worker(index: int) -> None:
         nonlocal done, failures
         creds = devices[index % len(devices)]
+        signer = make_signer(creds)  # parsing a PEM key each time would be the client's cost
         while time.monotonic() < deadline:
-            device = Device(creds, port, context)
+            device = Device(creds, port, context, signer)
             try:
                 await device.connect()
                 done += 1

@@ -621,19 +621,19 @@ def test_a_device_that_floods_batches_is_paused_not_dropped(start_hub):
     assert hub.listener.stats.get("backpressure_pauses", 0) >= 1
 
 
-class _CountingTransport:
-    """Wraps a connection's transport to count ``write`` calls (everything else passes)."""
+class _CountingTLS:
+    """Wraps a connection's TLS object to count ``write`` calls (everything else passes)."""
 
-    def __init__(self, transport):
-        self._transport = transport
+    def __init__(self, tls):
+        self._tls = tls
         self.writes = 0
 
     def write(self, data):
         self.writes += 1
-        self._transport.write(data)
+        return self._tls.write(data)
 
     def __getattr__(self, name):
-        return getattr(self._transport, name)
+        return getattr(self._tls, name)
 
 
 def test_acks_of_one_commit_go_out_in_one_write(start_hub):
@@ -647,8 +647,8 @@ def test_acks_of_one_commit_go_out_in_one_write(start_hub):
             connection = wait_until(lambda: next(
                 (c for c in list(hub.listener.connections) if c.device_id == creds.device_id
                  and c.verified), None))
-            counting = _CountingTransport(connection.transport)
-            connection.transport = counting  # the loop is idle: the session is quiet
+            counting = _CountingTLS(connection.tls)
+            connection.tls = counting  # the loop is idle: the session is quiet
             commits = hub.listener.ingest.commits
             device.write(b"".join(device.session.send(m.Telemetry(msg_id=i, readings=[["t", i, i]]))
                                   for i in range(1, 11)))
@@ -661,6 +661,7 @@ def test_acks_of_one_commit_go_out_in_one_write(start_hub):
             assert ack_ids == list(range(1, 11))
             assert hub.listener.ingest.commits == commits + 1
             assert counting.writes == 1
+            connection.tls = counting._tls
     finally:
         other.close()
 
