@@ -28,14 +28,15 @@ from hub_bench import Hub  # noqa: E402
 # (stage, substrings of a stack, any of which puts a sample in it); the first match wins.
 STAGES = [
     ("idle", ("_worker (concurrent/futures/thread.py:81)", "EpollSelector.select")),
-    ("store: seal each reading (CBOR, AAD, AES-GCM)", ("_seal_value",)),
+    ("store: seal the batch (CBOR, AAD, AES-GCM)", ("seal_many", "Keyring.seal")),
     ("store: COMMIT (fsync)", ("SQLiteStore._tx",)),
     ("store: INSERT rows and indexes", ("SQLiteStore.add_telemetry",)),
-    ("core: decode and check messages (CBOR)", ("decode_message",)),
-    ("listener: Acks (encode, TLS, socket)", ("_committed",)),
-    ("listener: TLS read, framing, session", ("_read_plaintext", "data_received")),
+    ("wire: decode and check messages (CBOR)", ("decode_message",)),
+    ("listener: Acks (encode, TLS, socket)", ("_flush_acks", "flush_acks")),
+    ("listener: TLS read, framing, session", ("_read_plaintext", "_feed")),
     ("ingest: hand-off between loop and writer", ("ingest.py", "ThreadPoolExecutor.submit",
                                                   "call_soon_threadsafe", "_write_to_self")),
+    ("listener: selector and accept", ("_poll",)),
     ("asyncio loop", ("asyncio/",)),
 ]
 

@@ -110,7 +110,7 @@ def gateway_id_from_cert(cert: CertificateInput,
     certificate (clientAuth, not a CA, CN and the single URI SAN agree); with ``ca_cert``,
     also that this CA signed it. Raises ``GatewayCertError``.
 
-    The listener passes ``SSLObject.getpeercert(binary_form=True)``: OpenSSL has already
+    The listener passes the TLS object's ``getpeercert(binary_form=True)``: OpenSSL has already
     checked the chain and validity period; this checks what makes it a *gateway* certificate."""
     cert = load_certificate(cert)
     try:
