@@ -119,10 +119,16 @@ class StreamFramer:
     a stream yields the same frames before the same error.
     """
 
+    # A hub holds one framer per connection, mostly idle: slots keep each one small.
+    # MicroPython ignores ``__slots__``: nothing here depends on it.
+    __slots__ = ("max_frame_size", "_buffer", "_start", "_error", "_ended")
+
     def __init__(self, max_frame_size=DEFAULT_MAX_FRAME_SIZE):
         _check_max_frame_size(max_frame_size)
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        # Received bytes not yet parsed: None while there are none (an idle connection, and
+        # the common case of whole frames per read), so an idle framer holds no buffer.
+        self._buffer = None
         self._start = 0
         self._error = None
         self._ended = False
@@ -130,7 +136,8 @@ class StreamFramer:
     @property
     def buffered(self):
         """Number of received bytes held that do not yet make a complete frame."""
-        return len(self._buffer) - self._start
+        buffer = self._buffer
+        return 0 if buffer is None else len(buffer) - self._start
 
     def encode(self, payload):
         """Return header + payload for one payload of 1..max_frame_size bytes."""
@@ -143,7 +150,7 @@ class StreamFramer:
             raise self._repeat_error()
         if not data:
             self._ended = True
-            if self._start < len(self._buffer):
+            if self._buffer is not None:
                 self._fail(FramingError("truncated: stream ended inside a frame", CLOSE_MALFORMED))
                 raise self._error
             return []
@@ -151,15 +158,15 @@ class StreamFramer:
             raise LocalProtocolError("feed() after end of stream")
         data = _as_bytes(data)
         frames = []
-        if self._start == len(self._buffer):
+        buffer = self._buffer
+        if buffer is None:
             # Nothing held: parse straight from ``data`` and keep only its unfinished tail.
             consumed, error = self._parse(data, 0, frames)
             if error is None and consumed < len(data):
                 self._buffer = bytearray(data[consumed:])
-                self._start = 0
         else:
-            self._buffer.extend(data)
-            self._start, error = self._parse(self._buffer, self._start, frames)
+            buffer.extend(data)
+            self._start, error = self._parse(buffer, self._start, frames)
             self._compact()
         if error is not None:
             self._fail(error)
@@ -205,7 +212,7 @@ class StreamFramer:
         """Drop the consumed prefix of the buffer when that keeps copying amortised O(1)."""
         start = self._start
         if start == len(self._buffer):
-            self._buffer = bytearray()
+            self._buffer = None
             self._start = 0
         elif start >= _COMPACT_MIN and start > (len(self._buffer) >> 1):
             self._buffer = self._buffer[start:]
@@ -214,7 +221,7 @@ class StreamFramer:
     def _fail(self, error):
         """Kill the framer with ``error`` and free what it held."""
         self._error = error
-        self._buffer = bytearray()
+        self._buffer = None
         self._start = 0
 
     def _repeat_error(self):
@@ -399,6 +406,9 @@ class SerialFramer:
     (or frames with a good CRC but a payload over ``max_frame_size``), ``console_chunks``
     returned, ``bytes_dropped`` in dropped chunks.
     """
+
+    __slots__ = ("max_frame_size", "chunk_limit", "frames", "corrupt", "oversize",
+                 "console_chunks", "bytes_dropped", "_pending", "_discarding")
 
     def __init__(self, max_frame_size=DEFAULT_MAX_FRAME_SIZE):
         _check_max_frame_size(max_frame_size)

@@ -192,7 +192,17 @@ class Session:
     """One side of one SmartX session. ``role`` is DEVICE or HUB; ``framer`` a framing object
     (StreamFramer by default; SerialFramer for UART links). ``decode_message`` and
     ``encode_message`` replace ``messages.decode_message``/``encode_message``: only with
-    functions that give exactly their results and errors (the hub's native-codec ones)."""
+    functions that give exactly their results and errors (the hub's native-codec ones).
+    ``handshake_deadline_ms`` becomes None when the handshake ends (the hub's ``accept``,
+    the device's receipt of Accepted): an established session keeps no deadline of its own."""
+
+    # A hub holds one session per connected device, mostly idle: slots keep each one small
+    # (a plain instance's attribute table costs more than the values). The ``__dict__`` slot
+    # is for the rare codec passed to the constructor (see below): a session made without one
+    # never creates its dictionary. MicroPython ignores ``__slots__``: nothing here needs it.
+    __slots__ = ("role", "state", "_table", "_framer", "max_frame_size", "peer_max_frame_size",
+                 "keepalive_ms", "handshake_deadline_ms", "last_received_ms", "last_sent_ms",
+                 "close_event", "_outbox", "_ping_seq", "__dict__")
 
     # The message codec, as class attributes so that a session holds no reference of its own
     # unless given one (the constructor's arguments, or a subclass's class attributes).
@@ -218,9 +228,8 @@ class Session:
         self.handshake_deadline_ms = now_ms + handshake_timeout_ms
         self.last_received_ms = now_ms
         self.last_sent_ms = now_ms
-        self.peer_hello = None
         self.close_event = None
-        self._outbox = bytearray()
+        self._outbox = None  # bytes the session made on its own; None while there are none
         self._ping_seq = 0
 
     @property
@@ -258,9 +267,18 @@ class Session:
 
     def data_to_send(self):
         """Return (and forget) the bytes the session made on its own since the last call."""
-        data = bytes(self._outbox)
-        self._outbox = bytearray()
-        return data
+        outbox = self._outbox
+        if outbox is None:
+            return b""
+        self._outbox = None
+        return bytes(outbox)
+
+    def _queue(self, data):
+        """Keep ``data`` for ``data_to_send``; the buffer exists only while it holds bytes."""
+        if self._outbox is None:
+            self._outbox = bytearray(data)
+        else:
+            self._outbox.extend(data)
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -307,9 +325,9 @@ class Session:
         elif message_type == m.HELLO:
             if self.role == HUB and message.device_id is None:
                 raise RemoteProtocolError("a device's Hello must name the device", CLOSE_MALFORMED)
-            self.peer_hello = message
-            if message.max_frame_size is not None:
-                self.peer_max_frame_size = message.max_frame_size
+            # The Hello itself is not kept: it goes out in HelloReceived, and of its fields the
+            # session needs only the frame limit later (an idle session should hold no more).
+            self._set_peer_max_frame_size(message.max_frame_size)
             events.append(HelloReceived(message))
             self._check_version(message, now_ms, events)
         elif message_type == m.AUTH_CHALLENGE:
@@ -318,19 +336,25 @@ class Session:
             events.append(AuthResponseReceived(message))
         elif message_type == m.ACCEPTED:
             self.keepalive_ms = max(message.keepalive_ms, MIN_KEEPALIVE_MS)
-            if message.max_frame_size is not None:
-                self.peer_max_frame_size = message.max_frame_size
+            self._set_peer_max_frame_size(message.max_frame_size)
+            self.handshake_deadline_ms = None  # ESTABLISHED: the handshake deadline is over
             events.append(SessionEstablished(message))
         elif message_type == m.PING:
-            self._outbox.extend(self.send(m.Pong(seq=message.seq), now_ms))
+            self._queue(self.send(m.Pong(seq=message.seq), now_ms))
         elif message_type == m.PONG:
             events.append(PongReceived(message.seq))
         else:
             events.append(MessageReceived(message))
 
+    def _set_peer_max_frame_size(self, size):
+        # A peer that announces the limit already held (the default, most often) leaves the
+        # shared constant in place rather than a decoded int of its own per session.
+        if size is not None and size != self.peer_max_frame_size:
+            self.peer_max_frame_size = size
+
     def _check_version(self, hello, now_ms, events):
         if hello.version != m.PROTOCOL_VERSION:
-            self._outbox.extend(self.close(
+            self._queue(self.close(
                 CLOSE_VERSION_UNSUPPORTED, "this side speaks version %d" % m.PROTOCOL_VERSION,
                 None, now_ms))
             events.append(self.close_event)
@@ -339,7 +363,7 @@ class Session:
         error.events = events
         if self.state != CLOSED:
             reason = error.reason or CLOSE_PROTOCOL_VIOLATION
-            self._outbox.extend(self.close(reason, str(error), None, now_ms))
+            self._queue(self.close(reason, str(error), None, now_ms))
             events.append(self.close_event)
         raise error
 
@@ -364,22 +388,24 @@ class Session:
             return events
         if self.state != ESTABLISHED:
             if now_ms >= self.handshake_deadline_ms:
-                self._outbox.extend(self.close(CLOSE_HANDSHAKE_TIMEOUT, "handshake took too long",
-                                               None, now_ms))
+                self._queue(self.close(CLOSE_HANDSHAKE_TIMEOUT, "handshake took too long",
+                                       None, now_ms))
                 events.append(self.close_event)
             return events
         if now_ms - self.last_received_ms >= IDLE_INTERVALS * self.keepalive_ms:
-            self._outbox.extend(self.close(CLOSE_KEEPALIVE_TIMEOUT, "nothing heard from the peer",
-                                           None, now_ms))
+            self._queue(self.close(CLOSE_KEEPALIVE_TIMEOUT, "nothing heard from the peer",
+                                   None, now_ms))
             events.append(self.close_event)
         elif self.role == DEVICE and now_ms - self.last_sent_ms >= self.keepalive_ms:
             self._ping_seq += 1
-            self._outbox.extend(self.send(m.Ping(seq=self._ping_seq), now_ms))
+            self._queue(self.send(m.Ping(seq=self._ping_seq), now_ms))
         return events
 
 
 class DeviceSession(Session):
     """The device side: ``start(hello)`` first, answer ChallengeReceived with ``authenticate``."""
+
+    __slots__ = ()
 
     def __init__(self, now_ms, framer=None, **options):
         super().__init__(DEVICE, now_ms, framer, **options)
@@ -399,6 +425,8 @@ class HubSession(Session):
     """The hub side: on HelloReceived send ``challenge``; on AuthResponseReceived ``accept``
     or ``close``."""
 
+    __slots__ = ()
+
     def __init__(self, now_ms, framer=None, **options):
         super().__init__(HUB, now_ms, framer, **options)
 
@@ -412,6 +440,8 @@ class HubSession(Session):
 
     def accept(self, session_id, now_ms):
         """Return the bytes of Accepted; the session is ESTABLISHED."""
-        return self.send(m.Accepted(session_id=session_id, keepalive_ms=self.keepalive_ms,
+        data = self.send(m.Accepted(session_id=session_id, keepalive_ms=self.keepalive_ms,
                                     hub_time_ms=now_ms, max_frame_size=self.max_frame_size),
                          now_ms)
+        self.handshake_deadline_ms = None  # ESTABLISHED: the handshake deadline is over
+        return data
