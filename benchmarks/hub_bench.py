@@ -501,7 +501,12 @@ def main() -> None:
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        set_asyncio_nodelay(bool(args.nodelay))
+        set_asyncio_nodelay(bool(args.nodelay))  # the API's connections (uvicorn on asyncio)
+        if not args.nodelay:
+            # The device listener sets TCP_NODELAY itself; the hub has no setting to turn off.
+            import smartx_hub.listener
+
+            smartx_hub.listener.set_nodelay = lambda sock: None
         from smartx_hub.cli import main as hub_main
         raise SystemExit(hub_main(args.rest))
     if args.mode:

@@ -52,7 +52,6 @@ Rules (docs/operations.md, "Device listener"):
 from __future__ import annotations
 
 import asyncio
-import asyncio.base_events
 import concurrent.futures
 import errno
 import functools
@@ -125,12 +124,7 @@ def wall_clock_ms() -> int:
 def set_nodelay(sock: socket.socket) -> None:
     """TCP_NODELAY on a device connection, as asyncio sets it on each of its TCP transports:
     Acks and handshake flights are small and must not wait for the peer's delayed ACK."""
-    # asyncio's own helper, looked up at each call, so that one switch serves the whole
-    # process: the benchmark's launcher turns it off for its "nodelay off" rows.
-    setter = getattr(asyncio.base_events, "_set_nodelay", None)
-    if setter is not None:
-        setter(sock)
-    elif sock.family in (socket.AF_INET, socket.AF_INET6):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -219,6 +213,7 @@ class _HubSession(core.HubSession):
     """The core's hub session on the hub's native codec (``fastwire``: the core's exact answers,
     several times faster), set on the class so a session holds no reference of its own."""
 
+    __slots__ = ()
     _decode_message = staticmethod(fastwire.decode_message)
     _encode_message = staticmethod(fastwire.encode_message)
 
@@ -227,6 +222,8 @@ class _CountingFramer(StreamFramer):
     """The core's stream framer, counting the frames it completes (for the message rate).
 
     Counting here, not by events, also meters Pings, which the core answers on its own."""
+
+    __slots__ = ("frames",)
 
     def __init__(self, max_frame_size: int) -> None:
         super().__init__(max_frame_size)

@@ -428,7 +428,10 @@ def test_handshakes_do_not_wait_for_delayed_acks_without_tcp_nodelay(start_hub, 
     40 ms on the device's delayed ACK unless the flight leaves whole."""
     import asyncio.base_events
 
+    from smartx_hub import listener as listener_module
+
     monkeypatch.setattr(asyncio.base_events, "_set_nodelay", lambda sock: None)
+    monkeypatch.setattr(listener_module, "set_nodelay", lambda sock: None)
     ctx, hub = start_hub()
     creds = enrol(ctx.store, "no-nodelay", "hs256")
     times = []
