@@ -9,8 +9,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -290,3 +293,26 @@ def https_server(app, ctx, **uvicorn_options):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def start_serve(data_dir: str, device_port: int, api_port: int = 0,
+                timeout: float = 30.0) -> subprocess.Popen:
+    """``python -m smartx_hub serve`` on ``data_dir`` as a real subprocess (stdout and stderr
+    piped, text), returned once its banner names the device port; the caller ends it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "smartx_hub", "serve", "--data", data_dir, "--host", "127.0.0.1",
+         "--device-port", str(device_port), "--api-port", str(api_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    banner = ""
+    deadline = time.monotonic() + timeout
+    while "CA fingerprint" not in banner and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        banner += line
+    if not re.search(r"tls://\S+:%d" % device_port, banner):
+        process.kill()
+        process.wait()
+        raise AssertionError("serve did not start: %r" % banner)
+    return process

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import ssl
@@ -29,7 +28,7 @@ from smartx_hub.server import run_hub_in_thread
 from smartx_hub.state import load_hub
 
 from hubtools import (DeviceClient, HubClosed, b64url, connect_device, device_token, enrol,
-                      make_hub, unsigned_token, wait_until)
+                      make_hub, start_serve, unsigned_token, wait_until)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -520,19 +519,8 @@ def test_sigterm_closes_sessions_after_committing_what_was_acked(tmp_path):
     data_dir = ctx.data_dir
     ctx.close()
     device_port, api_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "smartx_hub", "serve", "--data", data_dir, "--host", "127.0.0.1",
-         "--device-port", str(device_port), "--api-port", str(api_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    process = start_serve(data_dir, device_port, api_port)
     try:
-        banner = ""
-        deadline = time.monotonic() + 30
-        while "CA fingerprint" not in banner and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            banner += line
-        assert re.search(r"tls://\S+:%d" % device_port, banner), banner
         with open(os.path.join(data_dir, "ca.pem"), "rb") as handle:
             ca_pem = handle.read()
         clients = [connect_device(device_port, ca_pem, creds) for creds in devices]

@@ -7,11 +7,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-import re
 import resource
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -27,9 +24,8 @@ from smartx_hub.live import LiveSessions
 from smartx_hub.server import run_hub_in_thread
 from smartx_hub.store import TelemetryBatch
 
-from hubtools import DeviceClient, connect_device, enrol, make_hub, wait_until
+from hubtools import DeviceClient, connect_device, enrol, make_hub, start_serve, wait_until
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: A command argument big enough that a few dozen fill the kernel's buffers (a frame is
 #: at most 16 KiB by default).
 BIG = "x" * 10000
@@ -220,20 +216,9 @@ def test_out_of_descriptors_the_listener_waits_instead_of_spinning_then_recovers
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         device_port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "smartx_hub", "serve", "--data", data_dir, "--host", "127.0.0.1",
-         "--device-port", str(device_port), "--api-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    process = start_serve(data_dir, device_port)
     held = []
     try:
-        banner = ""
-        deadline = time.monotonic() + 30
-        while "CA fingerprint" not in banner and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            banner += line
-        assert re.search(r"tls://\S+:%d" % device_port, banner), banner
         limits = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)
         # Room for two more descriptors: the third connection finds none to be accepted with.
         resource.prlimit(process.pid, resource.RLIMIT_NOFILE,
