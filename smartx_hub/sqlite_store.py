@@ -904,32 +904,33 @@ class SQLiteStore(Store):
                     high, cursor_seq = ts_ms, before_seq
             else:
                 max_seq = before_seq
-        if stream is None:
-            where = "device_id=? AND last_ts_ms>=?"
-            params: list[Any] = [device_id, low]
-        else:
-            where = "device_id=? AND stream=? AND last_ts_ms>=?"
-            params = [device_id, stream, low]
+        # One list of terms for either walk: the stream walk names its table ``r``.
+        terms = ["device_id=?", "last_ts_ms>=?"]
+        params: list[Any] = [device_id, low]
+        if stream is not None:
+            terms.insert(1, "stream=?")
+            params.insert(1, stream)
         if high < _INT64_MAX:
             # A batch ending after ``high`` holds readings at or before it only if it starts by
             # then, and it ends at most the device's widest batch after it.
             span = conn.execute("SELECT max_span_ms FROM telemetry_spans WHERE device_id=?",
                                 (device_id,)).fetchone()
-            where += " AND last_ts_ms<=? AND first_ts_ms<=?"
+            terms += ["last_ts_ms<=?", "first_ts_ms<=?"]
             params += [min(high + (span[0] if span else 0), _INT64_MAX), high]
         if max_seq is not None:
-            where += " AND %s<=?" % ("id" if stream is None else "batch_id")
+            terms.append("%s<=?" % ("id" if stream is None else "batch_id"))
             params.append(min(max((max_seq - 1) // SEQ_PER_BATCH, -1), _INT64_MAX))
         if stream is None:
             sql = ("SELECT %s, last_ts_ms FROM telemetry WHERE %s"
-                   " ORDER BY last_ts_ms DESC, id DESC" % (self._BATCH_COLUMNS, where))
+                   " ORDER BY last_ts_ms DESC, id DESC"
+                   % (self._BATCH_COLUMNS, " AND ".join(terms)))
         else:
             # CROSS JOIN: the stream's range walk leads, each batch is then fetched by its id.
             sql = ("SELECT t.id, t.msg_id, t.received_ms, t.reading_count, t.first_ts_ms,"
                    " t.last_ts_ms, t.readings, r.last_ts_ms FROM telemetry_ranges r CROSS JOIN"
                    " telemetry t ON t.id=r.batch_id WHERE %s"
                    " ORDER BY r.last_ts_ms DESC, r.batch_id DESC"
-                   % " AND ".join("r." + term for term in where.split(" AND ")))
+                   % " AND ".join("r." + term for term in terms))
         best: list[tuple] = []
         walk = conn.execute(sql, params)
         try:
